@@ -1,0 +1,177 @@
+"""build: one compiled module holding every level of a nested sparse model.
+
+``build`` = the graph pipeline (``pipeline.lower``) + a schedule for every nested kernel + the
+artifact's own metadata + ``tvm.compile`` in one ``PassContext``. Scheduling, building and running
+stay apart: tuning lives in ``tune.py``, running in ``runtime.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from . import pipeline
+from .info import INFO_FUNC, INFO_VERSION
+from .relay_passes.level_guard import INFO_ATTR
+from .runtime import NestedRuntime
+from .target import canonical, is_cross, parse_target
+
+# Cross toolchains by target triple prefix, with the Debian package that provides each.
+_CROSS_CC = {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")}
+
+
+def _schedule_rules():
+    """Schedule rule per target kind: func, target -> scheduled PrimFunc, or None when it does not apply."""
+    from .schedules import schedule_cpu
+
+    return {"llvm": schedule_cpu}
+
+
+class NestedModule:
+    """The compiled artifact: one executable, every level, weights stored once."""
+
+    def __init__(self, executable, target: tvm.target.Target, info: dict):
+        self.executable = executable
+        self.target = target
+        self.info = info
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.info["num_levels"])
+
+    @property
+    def densities(self) -> list[float]:
+        """Fraction of the nested layers' weights kept at each level."""
+        return list(self.info["densities"])
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the packed nested weights (values, indices, level offsets)."""
+        return sum(layer["payload_bytes"] for layer in self.info["layers"])
+
+    @property
+    def csr_bytes(self) -> int:
+        """DESIGN section 5 yardstick: plain CSR of the densest level of every nested layer."""
+        return sum(layer["csr_bytes"] for layer in self.info["layers"])
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(layer["dense_bytes"] for layer in self.info["layers"])
+
+    def runtime(self, device=None, *, num_threads: int | None = None) -> NestedRuntime:
+        """Run this module in this process (only for targets this machine can execute)."""
+        if is_cross(self.target) and device is None:
+            raise ValueError(f"module built for {self.target.kind.name} {self.target.attrs.get('mtriple', '')} cannot run on this "
+                             "machine: export_library it and run it on the board (tvm_nested.load over RPC)")
+        return NestedRuntime(self.executable, device, num_threads=num_threads)
+
+    def export_library(self, path: str | os.PathLike, *, cc: str | None = None) -> str:
+        """Write a shared library; cross-compiles when the target asks (``cc`` names the compiler)."""
+        path = os.fspath(path)
+        kwargs = {}
+        triple = str(self.target.attrs.get("mtriple", "")) if self.target.kind.name == "llvm" else ""
+        if cc is None and is_cross(self.target) and triple:
+            arch = triple.split("-")[0]
+            if arch not in _CROSS_CC:
+                raise ValueError(f"no known cross compiler for triple {triple!r}: pass cc='<your {triple}-gcc>'")
+            cc, package = _CROSS_CC[arch]
+            if shutil.which(cc) is None:
+                raise RuntimeError(f"cross compiler {cc!r} not found for target {triple}: install Debian's {package} "
+                                   f"(apt-get install {package}) or pass cc=")
+        if cc is not None:
+            from tvm.support import cc as tvm_cc
+
+            kwargs["fcompile"] = tvm_cc.cross_compiler(cc)
+        self.executable.export_library(path, **kwargs)
+        return path
+
+
+def _main_inputs(mod: tvm.IRModule) -> list[dict]:
+    out = []
+    for p in mod["main"].params:
+        dt = p.ty.dtype
+        out.append({"name": p.name, "shape": [int(s) for s in p.ty.shape], "dtype": getattr(dt, "dtype", str(dt))})
+    return out
+
+
+def _collect_info(mod: tvm.IRModule, target: tvm.target.Target) -> dict:
+    attrs = mod.attrs
+    if attrs is not None and INFO_ATTR in attrs:
+        nested = json.loads(str(attrs[INFO_ATTR]))
+    else:
+        nested = {"num_levels": 1, "layers": []}
+    layers = nested.get("layers", [])
+    num_levels = int(nested["num_levels"])
+    dense = sum(layer["dense_bytes"] // 4 for layer in layers)
+    densities = [sum(layer["nnz"][lvl] for layer in layers) / dense if dense else 1.0 for lvl in range(num_levels)]
+    from .schedules import FORMAT_VERSION
+
+    return {
+        "info_version": INFO_VERSION,
+        "format_version": FORMAT_VERSION,
+        "tvm_version": tvm.__version__,
+        "target": canonical(target),
+        "num_levels": num_levels,
+        "densities": densities,
+        "layers": layers,
+        "inputs": _main_inputs(mod),
+    }
+
+
+def _with_info_function(mod: tvm.IRModule, info: dict) -> tvm.IRModule:
+    bb = relax.BlockBuilder(mod)
+    with bb.function(INFO_FUNC, []):
+        bb.emit_func_output(relax.const(np.frombuffer(json.dumps(info).encode(), dtype="uint8")))
+    return bb.get()
+
+
+def schedule_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Apply the target's schedule rule to every nested kernel; report any that no rule scheduled."""
+    rule = _schedule_rules().get(target.kind.name)
+    unscheduled = []
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None or "nested.op" not in func.attrs:
+            continue
+        if "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"]):
+            continue
+        scheduled = rule(func, target) if rule is not None else None
+        if scheduled is None:
+            unscheduled.append(gv.name_hint)
+            continue
+        mod[gv] = scheduled.with_attr("tirx.is_scheduled", True)
+    if unscheduled:
+        msg = f"no {target.kind.name} schedule for {len(unscheduled)} nested kernel(s): {', '.join(unscheduled)}"
+        if target.kind.name != "llvm":
+            raise RuntimeError(msg)  # an unscheduled GPU kernel does not compile; say which
+        warnings.warn(msg + " (they run as plain loops)", stacklevel=2)
+    return mod
+
+
+def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None) -> NestedModule:
+    """Compile a Relax module from ``from_onnx`` / ``from_torch`` into one module holding every level.
+
+    ``target``: a classic string (``"llvm -mtriple=aarch64-linux-gnu -mattr=+neon"``), dict, tag or
+    ``tvm.target.Target``. ``tuning_log``: a directory written by ``tvm_nested.tune`` for this target.
+    """
+    if not isinstance(mod, tvm.IRModule) or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        raise ValueError("build expects a Relax IRModule with a 'main' function (from tvm_nested.from_onnx/from_torch)")
+    tgt = parse_target(target)
+    mod = pipeline.lower(mod, dump_dir)
+    info = _collect_info(mod, tgt)
+    if not info["layers"]:
+        warnings.warn("no nested layer recognised: the model is compiled dense, with one level", stacklevel=2)
+    if tuning_log is not None:
+        from .tune import apply_tuning_log
+
+        mod = apply_tuning_log(mod, tgt, tuning_log)
+    mod = schedule_kernels(mod, tgt)
+    mod = _with_info_function(mod, info)
+    with tgt, tvm.transform.PassContext(opt_level=3):
+        executable = tvm.compile(mod, target=tgt)
+    return NestedModule(executable, tgt, info)

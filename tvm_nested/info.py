@@ -1,0 +1,20 @@
+"""The metadata a compiled nested module carries about itself.
+
+It is compiled into the module as the Relax function ``nested_info`` returning the JSON as a uint8
+tensor, so it travels with the library (export, RPC upload) and cannot get lost beside it.
+"""
+
+from __future__ import annotations
+
+INFO_FUNC = "nested_info"
+INFO_VERSION = 1
+
+
+def check_info(info: dict) -> dict:
+    """Refuse metadata this version cannot read."""
+    version = info.get("info_version")
+    if version != INFO_VERSION:
+        raise ValueError(f"module metadata version {version} is not supported (this tvm_nested reads {INFO_VERSION}); rebuild it")
+    if int(info.get("num_levels", 0)) < 1:
+        raise ValueError(f"module metadata has no valid num_levels: {info.get('num_levels')!r}")
+    return info
