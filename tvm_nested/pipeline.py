@@ -11,10 +11,9 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from tvm_nested.relay_passes import FoldBatchNorm, LevelGuard, LowerNestedLayers
-
-
 def phases() -> list[tuple[str, tvm.transform.Pass]]:
+    from tvm_nested.relay_passes import FoldBatchNorm, LevelGuard, LowerNestedLayers
+
     return [
         # 1. Fold casts of constant level maps and other constant subgraphs the frontends leave.
         ("fold-constant", relax.transform.FoldConstant()),

@@ -1,0 +1,67 @@
+"""Target translation: classic strings, dicts, tags and Target objects all reach TVM 0.27."""
+
+import pytest
+from tvm.target import Target
+
+from tvm_nested.target import canonical, is_cross, parse_target
+
+
+@pytest.mark.parametrize(
+    "text, kind, attrs",
+    [
+        ("llvm -mtriple=aarch64-linux-gnu -mattr=+neon", "llvm", {"mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}),
+        ("llvm -mtriple=aarch64", "llvm", {"mtriple": "aarch64-linux-gnu"}),
+        ("llvm -mcpu=skylake-avx512", "llvm", {"mcpu": "skylake-avx512"}),
+        ("llvm -mcpu=cortex-a72", "llvm", {"mcpu": "cortex-a72", "mtriple": "aarch64-linux-gnu"}),
+        ("llvm -mtriple=aarch64-linux-gnu -num-cores=4", "llvm", {"num-cores": 4}),
+        ("cuda -arch=sm_80", "cuda", {"arch": "sm_80"}),
+    ],
+    ids=["aarch64-neon", "bare-aarch64", "x86-mcpu", "arm-mcpu-adds-triple", "num-cores", "cuda"],
+)
+def test_classic_strings(text, kind, attrs):
+    t = parse_target(text)
+    assert t.kind.name == kind
+    for key, value in attrs.items():
+        got = t.attrs[key]
+        assert (list(got) if isinstance(value, list) else got) == value
+
+
+def test_bare_llvm_means_this_cpu():
+    t = parse_target("llvm")
+    host = Target.from_device(__import__("tvm").cpu())
+    assert t.attrs["mtriple"] == host.attrs["mtriple"]
+    assert int(t.attrs["num-cores"]) >= 1
+    assert not is_cross(t)
+
+
+@pytest.mark.parametrize(
+    "target", [{"kind": "llvm", "mtriple": "aarch64"}, '{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}',
+               Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}), "raspberry-pi/4b-aarch64"],
+    ids=["dict", "json", "Target", "tag"],
+)
+def test_other_forms_aarch64(target):
+    t = parse_target(target)
+    assert str(t.attrs["mtriple"]).startswith("aarch64")
+    assert is_cross(t)
+
+
+def test_tag_cuda():
+    t = parse_target("nvidia/nvidia-a100")
+    assert t.kind.name == "cuda" and t.attrs["arch"] == "sm_80"
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [("llvm -foo=1", "unknown option '-foo' for kind 'llvm'"), ("cuda", "needs an architecture"),
+     ("nosuchkind -x=1", "unknown target kind"), ("llvm -num-cores=many", "needs an integer"), ("", "target must be")],
+    ids=["unknown-key", "cuda-no-arch", "unknown-kind", "bad-int", "empty"],
+)
+def test_bad_targets(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_target(text)
+
+
+def test_canonical_distinguishes_whole_target():
+    a = canonical("llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-a72")
+    b = canonical("llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-a76")
+    assert a != b and canonical({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}) == a

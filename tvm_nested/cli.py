@@ -1,0 +1,110 @@
+"""The ``tvm-nested`` command: compile, run, demo (and the subcommands of the other parts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _densities(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"densities must be comma-separated numbers, got {text!r}") from err
+
+
+def _load_model(path: str):
+    """ONNX file or a torch.export archive (.pt2) -> Relax module."""
+    from . import from_onnx, from_torch
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no such file {path!r}")
+    if path.endswith(".onnx"):
+        return from_onnx(path)
+    if path.endswith(".pt2"):
+        import torch
+
+        return from_torch(torch.export.load(path), None)
+    raise SystemExit(f"error: {path!r}: expected an ONNX model (.onnx) or a torch.export archive (.pt2)")
+
+
+def cmd_compile(args) -> int:
+    from . import build
+
+    lib = build(_load_model(args.model), target=args.target, tuning_log=args.tuning_log)
+    out = lib.export_library(args.output, cc=args.cc)
+    print(f"wrote {out}: {lib.num_levels} levels, target {lib.target}")
+    print(f"nested payload {lib.payload_bytes} B = {lib.payload_bytes / max(lib.csr_bytes, 1):.3f}x plain CSR of level 0 "
+          f"(dense weights {lib.dense_bytes} B)")
+    print("| level | density |\n|---:|---:|")
+    for lvl, d in enumerate(lib.densities):
+        print(f"| {lvl} | {d:.2%} |")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from . import load
+
+    rt = load(args.module, num_threads=args.threads)
+    rng = np.random.default_rng(args.seed)
+    shapes = {p["name"]: p for p in rt.info["inputs"] if p["name"] != "level"}
+    feeds = [rng.standard_normal(p["shape"]).astype(p["dtype"]) for p in shapes.values()]
+    levels = range(rt.num_levels) if args.level is None else [args.level]
+    for lvl in levels:
+        outs = rt.run(*feeds, level=lvl)
+        ms = rt.time(*feeds, level=lvl, repeat=args.repeat)
+        print(json.dumps({"level": lvl, "density": rt.densities[lvl], "latency_ms": round(ms, 3),
+                          "outputs": [list(o.shape) for o in outs]}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.model, args.densities, seed=args.seed, threads=args.threads, target=args.target)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEFAULT_DENSITIES, DEFAULT_MODEL
+
+    ap = argparse.ArgumentParser(prog="tvm-nested", description="Nested sparse networks for Apache TVM")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="ONNX (.onnx) or torch.export (.pt2) model -> one compiled module + level report")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the shared library to write")
+    p.add_argument("--target", default="llvm", help='e.g. "llvm -mtriple=aarch64-linux-gnu -mattr=+neon" (default: this CPU)')
+    p.add_argument("--tuning-log", default=None, help="a tuning log directory from `tvm-nested tune`")
+    p.add_argument("--cc", default=None, help="cross compiler for export (found automatically for aarch64)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run a compiled module at every level (or one) with random inputs and time it")
+    p.add_argument("module")
+    p.add_argument("--level", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="TVM CPU threads (default: TVM's own)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="nest a model-zoo architecture, compile one module, check every level vs onnxruntime")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"onnx model-zoo architecture (default {DEFAULT_MODEL})")
+    p.add_argument("--densities", type=_densities, default=DEFAULT_DENSITIES, help="per-level densities, densest first")
+    p.add_argument("--threads", type=int, default=None, help="TVM CPU threads (default: all cores)")
+    p.add_argument("--target", default="llvm")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
