@@ -1,0 +1,284 @@
+"""TensorIR kernel factories for nested sparse operators (unscheduled compute definitions).
+
+Each factory is pure: a ``NestedCSR`` (for its shapes and index dtypes) and layer sizes in, a
+``PrimFunc`` out. The operands of the format come in ``fmt.arrays()`` order (values, col, row_ptr,
+level_len); the level is a 0-d int32 buffer, clamped into ``0..L-1`` before any index is formed.
+
+Block structure (what ``schedules/cpu.py`` schedules; the names are part of the contract):
+
+* ``"x_t"`` (linear, batch > 1) / ``"pad"`` (conv with padding): a staging copy of the input into
+  a layout where the dense ("vector") dimension is innermost and no bound checks are needed.
+* ``"row"``: one output row (linear: output channel ``m``; conv: ``(n, o, tile of TR output rows)``)
+  with a local accumulator over the dense dimension. Inside it:
+  ``"init"`` (acc = 0), ``"update"`` under the data-dependent loop
+  ``for j in range(row_ptr[r], row_ptr[r] + level_len[lvl, r])`` with the dense loop(s) innermost,
+  and ``"store"`` (out = acc (+ bias)).
+
+The dense dimension (the batch for linear; output columns ``ow`` of a tile of output rows for conv,
+as XNNPACK's sparse kernels do) sits INSIDE the data-dependent loop, so a schedule vectorises it
+there. Vectorising a loop that encloses the data-dependent loop is wrong on TVM 0.27 (it compiles
+and computes garbage), so the layout never asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tvm.script import tirx as T
+
+from .format import NestedCSR
+
+# attrs every nested kernel carries (schedules and build find kernels by them)
+ATTR_OP = "nested.op"
+ATTR_NUM_LEVELS = "nested.num_levels"
+ATTR_KERNEL = "nested.kernel"  # "<op>/v<FORMAT layout version>": which block structure to expect
+ATTR_DENSE_EXTENT = "nested.dense_extent"  # extent of the dense (vector) dimension in "update"
+KERNEL_VERSION = 1
+
+# Conv: output rows per "row" block are chosen so a block holds at most this many output positions
+# (an accumulator that fits the vector registers of every CPU family we target).
+_CONV_TILE_POSITIONS = 64
+
+
+def _pos_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _int_tuple(name: str, value, n: int, minimum: int) -> tuple[int, ...]:
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        value = (value,) * n
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a tuple of {n} ints, got {value!r}") from None
+    if len(items) != n:
+        raise ValueError(f"{name} must have {n} entries, got {value!r}")
+    return tuple(_pos_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(items))
+
+
+def _check_fmt(fmt) -> NestedCSR:
+    if not isinstance(fmt, NestedCSR):
+        raise ValueError(f"fmt must be a NestedCSR, got {type(fmt).__name__}")
+    return fmt
+
+
+def _attrs(op: str, fmt: NestedCSR, dense_extent: int, **extra) -> dict:
+    attrs = {
+        "tir.noalias": True,
+        ATTR_OP: op,
+        ATTR_NUM_LEVELS: fmt.num_levels,
+        ATTR_KERNEL: f"{op}/v{KERNEL_VERSION}",
+        ATTR_DENSE_EXTENT: dense_extent,
+    }
+    attrs.update(extra)
+    return attrs
+
+
+# ---------------------------------------------------------------------------------------- linear
+def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool):
+    """``out[b, m] = sum_{j in prefix(level, m)} values[j] * x[b, col[j]] (+ bias[m])``.
+
+    Params: ``x[batch, cols] f32, values, col, row_ptr, level_len, bias[rows] f32 (if has_bias),
+    level () int32, out[batch, rows] f32``.
+    """
+    fmt = _check_fmt(fmt)
+    B = _pos_int("batch", batch)
+    if not isinstance(has_bias, bool):
+        raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
+    M, K, L = fmt.rows, fmt.cols, fmt.num_levels
+    NNZ = int(fmt.values.shape[0])
+    cdt, ldt = str(fmt.col.dtype), str(fmt.level_len.dtype)
+    stage = B > 1  # batch > 1: transpose x so the batch (the vector dimension) is contiguous
+    attrs = _attrs("linear", fmt, B)
+
+    @T.macro
+    def body(x, val, col, row_ptr, level_len, bias, level, out):
+        T.func_attr(attrs)
+        xt = T.sblock_alloc_buffer((K, B), "float32")
+        if stage:
+            for k, b in T.grid(K, B):
+                with T.sblock("x_t"):
+                    vk, vb = T.axis.remap("SS", [k, b])
+                    xt[vk, vb] = x[vb, vk]
+        for m in range(M):
+            with T.sblock("row"):
+                vm = T.axis.spatial(M, m)
+                acc = T.sblock_alloc_buffer((B,), "float32", scope="local")
+                for b in range(B):
+                    with T.sblock("init"):
+                        vb = T.axis.spatial(B, b)
+                        acc[vb] = T.float32(0)
+                for j in range(row_ptr[vm], row_ptr[vm] + T.Cast(
+                        "int32", level_len[T.max(0, T.min(level[()], L - 1)), vm])):
+                    for b in range(B):
+                        with T.sblock("update"):
+                            vb = T.axis.spatial(B, b)
+                            vj = T.axis.reduce(NNZ, j)
+                            if stage:
+                                acc[vb] = acc[vb] + val[vj] * xt[T.Cast("int32", col[vj]), vb]
+                            else:
+                                acc[vb] = acc[vb] + val[vj] * x[vb, T.Cast("int32", col[vj])]
+                for b in range(B):
+                    with T.sblock("store"):
+                        vb = T.axis.spatial(B, b)
+                        if has_bias:
+                            out[vb, vm] = acc[vb] + bias[vm]
+                        else:
+                            out[vb, vm] = acc[vb]
+
+    if has_bias:
+        @T.prim_func(s_tir=True)
+        def nested_linear_bias(x: T.Buffer((B, K), "float32"), val: T.Buffer((NNZ,), "float32"),
+                               col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((M + 1,), "int32"),
+                               level_len: T.Buffer((L, M), ldt), bias: T.Buffer((M,), "float32"),
+                               level: T.Buffer((), "int32"), out: T.Buffer((B, M), "float32")):
+            body(x, val, col, row_ptr, level_len, bias, level, out)
+
+        return _drop_unused_stage(nested_linear_bias, stage)
+
+    @T.prim_func(s_tir=True)
+    def nested_linear(x: T.Buffer((B, K), "float32"), val: T.Buffer((NNZ,), "float32"),
+                      col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((M + 1,), "int32"),
+                      level_len: T.Buffer((L, M), ldt), level: T.Buffer((), "int32"),
+                      out: T.Buffer((B, M), "float32")):
+        body(x, val, col, row_ptr, level_len, None, level, out)
+
+    return _drop_unused_stage(nested_linear, stage)
+
+
+# ---------------------------------------------------------------------------------------- conv2d
+def conv2d_output_shape(x_shape, out_channels, kernel_size, strides, padding, dilation):
+    n, _, h, w = x_shape
+    kh, kw = kernel_size
+    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+    return (n, out_channels, oh, ow)
+
+
+def _conv_tile_rows(oh: int, ow: int) -> int:
+    """Output rows per "row" block: the largest divisor of OH with TR * OW <= 64 (at least 1)."""
+    best = 1
+    for tr in range(1, oh + 1):
+        if oh % tr == 0 and tr * ow <= _CONV_TILE_POSITIONS:
+            best = tr
+    return best
+
+
+def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[int],
+                  strides: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                  groups: int, has_bias: bool):
+    """Nested sparse conv2d, NCHW input, OIHW weight (``fmt`` rows = O, cols = C/groups*KH*KW).
+
+    ``padding`` is ``(top, left, bottom, right)``. Params: ``x[N, C, H, W] f32, values, col,
+    row_ptr, level_len, bias[O] f32 (if has_bias), level () int32, out[N, O, OH, OW] f32``.
+    """
+    fmt = _check_fmt(fmt)
+    N, C, H, W = _int_tuple("x_shape", x_shape, 4, 1)
+    KH, KW = _int_tuple("kernel_size", kernel_size, 2, 1)
+    SH, SW = _int_tuple("strides", strides, 2, 1)
+    DH, DW = _int_tuple("dilation", dilation, 2, 1)
+    if not isinstance(padding, int) and len(tuple(padding)) == 2:
+        padding = tuple(padding) * 2
+    PT, PL, PB, PR = _int_tuple("padding", padding, 4, 0)
+    G = _pos_int("groups", groups)
+    if not isinstance(has_bias, bool):
+        raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
+    O, L = fmt.rows, fmt.num_levels
+    if C % G:
+        raise ValueError(f"groups={G} does not divide the input channels C={C}")
+    if O % G:
+        raise ValueError(f"groups={G} does not divide the output channels O={O} (fmt.rows)")
+    CG, OG, KHW = C // G, O // G, KH * KW
+    if fmt.cols != CG * KHW:
+        raise ValueError(f"fmt.cols={fmt.cols} != C/groups*KH*KW = {CG}*{KH}*{KW} = {CG * KHW}")
+    _, _, OH, OW = conv2d_output_shape((N, C, H, W), O, (KH, KW), (SH, SW), (PT, PL, PB, PR), (DH, DW))
+    if OH < 1 or OW < 1:
+        raise ValueError(f"output size {OH}x{OW} is empty for input {H}x{W}, kernel {KH}x{KW}, "
+                         f"strides {(SH, SW)}, padding {(PT, PL, PB, PR)}, dilation {(DH, DW)}")
+    # the padded input only needs the rows/cols some output reads
+    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    WP = (OW - 1) * SW + (KW - 1) * DW + 1
+    stage = bool(PT or PL or PB or PR)
+    TR = _conv_tile_rows(OH, OW)
+    NT = OH // TR
+    NNZ = int(fmt.values.shape[0])
+    cdt, ldt = str(fmt.col.dtype), str(fmt.level_len.dtype)
+    attrs = _attrs("conv2d", fmt, OW, **{"nested.tile_rows": TR})
+
+    @T.macro
+    def body(x, val, col, row_ptr, level_len, bias, level, out):
+        T.func_attr(attrs)
+        xp = T.sblock_alloc_buffer((N, C, HP, WP), "float32")
+        if stage:
+            for n, c, h, w in T.grid(N, C, HP, WP):
+                with T.sblock("pad"):
+                    vn, vc, vh, vw = T.axis.remap("SSSS", [n, c, h, w])
+                    xp[vn, vc, vh, vw] = T.if_then_else(
+                        PT <= vh and vh < H + PT and PL <= vw and vw < W + PL,
+                        x[vn, vc, T.min(T.max(vh - PT, 0), H - 1), T.min(T.max(vw - PL, 0), W - 1)],
+                        T.float32(0))
+        for n, o, t in T.grid(N, O, NT):
+            with T.sblock("row"):
+                vn, vo, vt = T.axis.remap("SSS", [n, o, t])
+                acc = T.sblock_alloc_buffer((TR, OW), "float32", scope="local")
+                for r, ow in T.grid(TR, OW):
+                    with T.sblock("init"):
+                        vr, vow = T.axis.remap("SS", [r, ow])
+                        acc[vr, vow] = T.float32(0)
+                for j in range(row_ptr[vo], row_ptr[vo] + T.Cast(
+                        "int32", level_len[T.max(0, T.min(level[()], L - 1)), vo])):
+                    for r, ow in T.grid(TR, OW):
+                        with T.sblock("update"):
+                            vr, vow = T.axis.remap("SS", [r, ow])
+                            vj = T.axis.reduce(NNZ, j)
+                            if stage:
+                                acc[vr, vow] = acc[vr, vow] + val[vj] * xp[
+                                    vn, (vo // OG) * CG + T.Cast("int32", col[vj]) // KHW,
+                                    (vt * TR + vr) * SH + (T.Cast("int32", col[vj]) % KHW) // KW * DH,
+                                    vow * SW + T.Cast("int32", col[vj]) % KW * DW]
+                            else:
+                                acc[vr, vow] = acc[vr, vow] + val[vj] * x[
+                                    vn, (vo // OG) * CG + T.Cast("int32", col[vj]) // KHW,
+                                    (vt * TR + vr) * SH + (T.Cast("int32", col[vj]) % KHW) // KW * DH,
+                                    vow * SW + T.Cast("int32", col[vj]) % KW * DW]
+                for r, ow in T.grid(TR, OW):
+                    with T.sblock("store"):
+                        vr, vow = T.axis.remap("SS", [r, ow])
+                        if has_bias:
+                            out[vn, vo, vt * TR + vr, vow] = acc[vr, vow] + bias[vo]
+                        else:
+                            out[vn, vo, vt * TR + vr, vow] = acc[vr, vow]
+
+    if has_bias:
+        @T.prim_func(s_tir=True)
+        def nested_conv2d_bias(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
+                               col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
+                               level_len: T.Buffer((L, O), ldt), bias: T.Buffer((O,), "float32"),
+                               level: T.Buffer((), "int32"),
+                               out: T.Buffer((N, O, OH, OW), "float32")):
+            body(x, val, col, row_ptr, level_len, bias, level, out)
+
+        return _drop_unused_stage(nested_conv2d_bias, stage)
+
+    @T.prim_func(s_tir=True)
+    def nested_conv2d(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
+                      col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
+                      level_len: T.Buffer((L, O), ldt), level: T.Buffer((), "int32"),
+                      out: T.Buffer((N, O, OH, OW), "float32")):
+        body(x, val, col, row_ptr, level_len, None, level, out)
+
+    return _drop_unused_stage(nested_conv2d, stage)
+
+
+def _drop_unused_stage(func, stage: bool):
+    """Without a staging block the staging buffer is never touched; lowering removes it."""
+    return func
+
+
+__all__ = ["nested_linear", "nested_conv2d", "conv2d_output_shape", "ATTR_OP", "ATTR_NUM_LEVELS",
+           "ATTR_KERNEL", "ATTR_DENSE_EXTENT"]
