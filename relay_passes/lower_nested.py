@@ -1,0 +1,178 @@
+"""LowerNestedLayers: nested conv2d / linear / matmul -> ``call_tir`` of a packed sparse kernel.
+
+Run after ``FoldConstant`` and ``FoldBatchNorm`` (the weight packed is the one after folding; the
+pass also matches unfolded casts of the level map). Every nested layer (``relay_passes.match`` lists
+the spellings) is packed once with ``NestedCSR.pack`` at the model's L (one more than the largest
+value of *every* level map in the module), and replaced by
+
+    call_tir(nested_conv2d | nested_linear, [x, *fmt.arrays(), bias?, level_i32], out_ty)
+
+where ``level_i32`` is the compared level (cast to int32 when it is not). A per-output-channel
+constant bias add right after the layer is fused into the kernel's bias; a rank > 2 linear input is
+reshaped to 2-D around the call; a layer pruned at every level becomes zeros (plus its bias), without
+a kernel. Non-nested layers are untouched; nested ones no kernel serves (layout, dtype) stay dense with
+a ``NestedLoweringWarning`` naming them; malformed ones raise ``ValueError`` naming them.
+
+The module gets the attr ``nested.info`` (``INFO_ATTR``): a JSON string
+``{"num_levels", "format_version", "layers": [{"name", "op", "rows", "cols", "nnz": [per level],
+"payload_bytes", "csr_bytes", "dense_bytes"}]}``; read it back with ``read_nested_info(mod)``.
+A module without nested layers is returned unchanged (no attr).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_nested._tvm import dtype_of
+
+from .match import NestedLayer, find_nested_layers
+
+INFO_ATTR = "nested.info"
+
+
+class NestedLoweringWarning(UserWarning):
+    """A nested layer left dense (no kernel serves its layout / dtype)."""
+
+
+def read_nested_info(mod: tvm.IRModule) -> dict | None:
+    """The ``nested.info`` record of a lowered module, or None."""
+    if mod.attrs is None or INFO_ATTR not in mod.attrs:
+        return None
+    return json.loads(str(mod.attrs[INFO_ATTR]))
+
+
+class _Plan:
+    """How one layer is lowered: its packed format and its kernel (None when pruned everywhere)."""
+
+    def __init__(self, layer: NestedLayer, fmt, gv):
+        self.layer, self.fmt, self.gv = layer, fmt, gv
+
+
+def _kernel(layer: NestedLayer, fmt):
+    from tvm_nested.schedules import nested_conv2d, nested_linear
+
+    has_bias = layer.bias is not None
+    if layer.op == "conv2d":
+        c = layer.conv
+        return nested_conv2d(fmt, c["x_shape"], c["kernel_size"], c["strides"], c["padding"],
+                             c["dilation"], c["groups"], has_bias)
+    return nested_linear(fmt, _batch(layer), has_bias)
+
+
+def _batch(layer: NestedLayer) -> int:
+    return int(math.prod(layer.out_shape[:-1]))
+
+
+def _info_record(layer: NestedLayer, fmt, num_levels: int) -> dict:
+    from tvm_nested.schedules import csr_nbytes
+
+    return {
+        "name": layer.name,
+        "op": layer.op,
+        "rows": layer.rows,
+        "cols": layer.cols,
+        "nnz": [int(fmt.nnz(lvl)) for lvl in range(num_levels)],
+        "payload_bytes": int(fmt.nbytes),
+        "csr_bytes": int(csr_nbytes(layer.level_map2d)),
+        "dense_bytes": int(layer.rows * layer.cols * 4),
+    }
+
+
+@mutator
+class _Lowerer(PyExprMutator):
+    """Replaces the value of each planned binding; everything else is copied."""
+
+    def __init__(self, mod: tvm.IRModule, plans: dict):
+        super().__init__(mod)
+        self.plans = plans
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        plan = self.plans.get(binding.var)
+        if plan is None:
+            super().visit_var_binding_(binding)
+            return
+        value = self.builder_.normalize(self._lowered(plan))
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+
+    def _lowered(self, plan: _Plan) -> relax.Expr:
+        layer = plan.layer
+        out_ty = relax.TensorType(layer.out_shape, "float32")
+        bias = None if layer.bias is None else relax.const(layer.bias)
+        if plan.gv is None:  # pruned at every level: no kernel
+            if bias is None:
+                return relax.op.zeros(relax.ShapeExpr(layer.out_shape), "float32")
+            shape = (1, layer.rows, 1, 1) if layer.op == "conv2d" else (layer.rows,)
+            bias = relax.const(layer.bias.reshape(shape))
+            return relax.op.broadcast_to(bias, relax.ShapeExpr(layer.out_shape))
+
+        x = self.visit_expr(layer.x)
+        level = self.visit_expr(layer.level)
+        if dtype_of(level) != "int32":
+            level = self.builder_.emit(relax.op.astype(level, "int32"))
+        consts = [relax.const(a) for a in plan.fmt.arrays()]
+        args = [x, *consts, *([bias] if bias is not None else []), level]
+        if layer.op == "conv2d" or len(layer.out_shape) == 2:
+            return relax.call_tir(plan.gv, args, out_ty=out_ty)
+        batch = _batch(layer)  # rank > 2 input: (..., cols) -> (batch, cols) -> kernel -> (..., rows)
+        args[0] = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr((batch, layer.cols))))
+        out2d = self.builder_.emit(
+            relax.call_tir(plan.gv, args, out_ty=relax.TensorType((batch, layer.rows), "float32")))
+        return relax.op.reshape(out2d, relax.ShapeExpr(layer.out_shape))
+
+
+def _lower_module(mod: tvm.IRModule) -> tvm.IRModule:
+    from tvm_nested.schedules import FORMAT_VERSION, NestedCSR
+
+    found: list[tuple[tvm.ir.GlobalVar, list[NestedLayer]]] = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        layers, dense = find_nested_layers(func)
+        for msg in dense:
+            warnings.warn(f"{gv.name_hint}: {msg}", NestedLoweringWarning, stacklevel=3)
+        if layers:
+            found.append((gv, layers))
+    if not found:
+        return mod
+
+    everything = [layer for _, layers in found for layer in layers]
+    top = max(int(layer.level_map2d.max()) for layer in everything)
+    num_levels = max(1, top + 1)
+
+    lowerer = _Lowerer(mod, {})
+    records = []
+    for layer in everything:
+        fmt = NestedCSR.pack(layer.weight2d, layer.level_map2d, num_levels)
+        gv = None
+        if fmt.nnz(0) > 0:
+            name = "nested_conv2d" if layer.op == "conv2d" else "nested_linear"
+            gv = lowerer.builder_.add_func(_kernel(layer, fmt), name)
+        lowerer.plans[layer.var] = _Plan(layer, fmt, gv)
+        records.append(_info_record(layer, fmt, num_levels))
+
+    for gv, _ in found:
+        new_func = lowerer.visit_expr(mod[gv])
+        lowerer.builder_.update_func(gv, new_func)
+    out = relax.transform.DeadCodeElimination()(lowerer.builder_.get())
+    info = {"num_levels": num_levels, "format_version": int(FORMAT_VERSION), "layers": records}
+    return out.with_attr(INFO_ATTR, json.dumps(info))
+
+
+def LowerNestedLayers() -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+    """Lower every nested layer to a packed sparse kernel taking the level at run time.
+
+    Run after ``FoldConstant`` and ``FoldBatchNorm``. See the module docstring for the contract.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="tvm_nested.LowerNestedLayers")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _lower_module(mod)
+
+    return _pass

@@ -1,0 +1,302 @@
+"""Recognition of nested sparse layers in a Relax function (shared by the graph passes).
+
+A nested layer (DESIGN section 2) is a conv2d or a matmul whose weight operand is the masked weight
+``W * (LM >= level)``. The Relax frontends spell it many ways; the patterns below say them all:
+
+* the mask: ``astype(greater_equal(LM, level))`` or ``astype(less_equal(level, LM))`` (one or two
+  casts), multiplied with ``W`` on either side; or ``where(cond, W, 0)`` with a scalar zero constant,
+  ``zeros(..)``, ``full(.., 0)`` or ``full_like(.., 0)``;
+* ``LM`` may sit behind casts (``astype(LM)``), ``level`` too (``astype(level)``);
+* the layer: ``conv2d(x, W_eff)``; ``matmul(x, permute_dims(W_eff))`` (nn.Linear, ONNX Gemm with
+  transB=1: W is ``[rows, cols]``); ``matmul(x, W_eff)`` (ONNX MatMul / Gemm transB=0: W is
+  ``[cols, rows]``, packed transposed).
+
+Matching is declarative (``tvm.relax.dpl``) and runs through dataflow bindings. What a pattern cannot
+say is checked here in code, in three outcomes:
+
+* not a nested layer (``level`` is not a function parameter, the ``where`` fallback is not zero): ``None``;
+* a nested layer TVM kernels cannot serve (layout, dtype, dynamic shape): ``Unsupported`` (the pass warns);
+* a malformed nested layer (level map not a constant integer tensor of the weight's shape, weight not a
+  constant): ``ValueError`` naming the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_op, wildcard
+
+from tvm_nested._tvm import Constant, const_numpy, dtype_of
+
+# ---------------------------------------------------------------------------------------- patterns
+_lm = wildcard()
+_level = wildcard()
+_cmp = is_op("relax.greater_equal")(_lm, _level) | is_op("relax.less_equal")(_level, _lm)
+_mask = is_op("relax.astype")(_cmp) | is_op("relax.astype")(is_op("relax.astype")(_cmp))
+_w = wildcard()
+_zero = wildcard()
+_masked_w = (
+    is_op("relax.multiply")(_w, _mask)
+    | is_op("relax.multiply")(_mask, _w)
+    | is_op("relax.where")(_cmp, _w, _zero)
+)
+_x = wildcard()
+CONV2D = is_op("relax.nn.conv2d")(_x, _masked_w)
+LINEAR = is_op("relax.matmul")(_x, is_op("relax.permute_dims")(_masked_w))  # W: [rows, cols]
+MATMUL = is_op("relax.matmul")(_x, _masked_w)  # W: [cols, rows]
+_LAYER_PATTERNS = (("conv2d", CONV2D), ("linear", LINEAR), ("matmul", MATMUL))
+
+_FLOAT_OK = ("float32",)
+
+
+class Unsupported(Exception):
+    """A nested layer that stays dense (the pass warns with this message)."""
+
+
+@dataclass
+class NestedLayer:
+    """One recognised nested layer; ``var`` is the binding whose value the pass replaces."""
+
+    name: str  # "conv2d_0 (lv3)": op, position among the module's nested layers, Relax var
+    op: str  # "conv2d" | "linear"
+    var: relax.Var
+    call: relax.Call  # the conv2d / matmul call as bound (its args are the original vars)
+    x: relax.Expr
+    level: relax.Expr  # the level as compared by the mask (a var or the parameter)
+    weight2d: np.ndarray  # float32 [rows, cols]
+    level_map2d: np.ndarray  # int [rows, cols]
+    out_shape: tuple[int, ...]
+    bias: np.ndarray | None = None  # float32 [rows], fused from a following add
+    conv: dict = field(default_factory=dict)  # conv2d geometry for the kernel factory
+
+    @property
+    def rows(self) -> int:
+        return int(self.weight2d.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(self.weight2d.shape[1])
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _value(expr, var2val):
+    """Follow variables to the expression bound to them."""
+    while isinstance(expr, relax.Var) and expr in var2val:
+        expr = var2val[expr]
+    return expr
+
+
+def _is_call(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def _strip_casts(expr, var2val):
+    expr = _value(expr, var2val)
+    while _is_call(expr, "relax.astype"):
+        expr = _value(expr.args[0], var2val)
+    return expr
+
+
+def _is_int(expr) -> bool:
+    return dtype_of(expr).startswith(("int", "uint"))
+
+
+def _static_shape(expr) -> tuple[int, ...] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(s) for s in shape)
+    except TypeError:
+        return None
+
+
+def _is_zero(expr, var2val) -> bool:
+    """A zero fallback of ``where``: a zero constant, zeros(..), full(.., 0) or full_like(.., 0)."""
+    expr = _strip_casts(expr, var2val)
+    if isinstance(expr, Constant):
+        return not np.any(const_numpy(expr))
+    if _is_call(expr, "relax.zeros") or _is_call(expr, "relax.zeros_like"):
+        return True
+    if _is_call(expr, "relax.full") or _is_call(expr, "relax.full_like"):
+        return _is_zero(expr.args[1], var2val)
+    return False
+
+
+def constant_of(expr, var2val) -> np.ndarray | None:
+    """The NumPy value of ``expr`` if it is a constant, possibly behind bindings and reshapes."""
+    expr = _value(expr, var2val)
+    while _is_call(expr, "relax.reshape"):
+        expr = _value(expr.args[0], var2val)
+    return const_numpy(expr) if isinstance(expr, Constant) else None
+
+
+def level_param(level_expr, params, var2val):
+    """The function parameter behind the compared level (through casts), or None."""
+    root = _strip_casts(level_expr, var2val)
+    if isinstance(root, relax.Var) and any(root.same_as(p) for p in params):
+        return root
+    return None
+
+
+# ---------------------------------------------------------------------------------- recognition
+def match_layer(value, label: str, params, var2val, val2var):
+    """Recognise one bound value. Returns (op, NestedLayer) / None; raises Unsupported / ValueError."""
+    if not (_is_call(value, "relax.nn.conv2d") or _is_call(value, "relax.matmul")):
+        return None
+    for kind, pattern in _LAYER_PATTERNS:
+        m = pattern.extract_matched_expr(value, var2val)
+        if m is not None:
+            break
+    else:
+        return None
+
+    # Is it nested at all? The compared level must be a 0-d integer function parameter.
+    lvl_root = level_param(m[_level], params, var2val)
+    if lvl_root is None or _static_shape(lvl_root) != () or not _is_int(lvl_root):
+        return None
+    if _zero in m and not _is_zero(m[_zero], var2val):
+        return None
+
+    op = "conv2d" if kind == "conv2d" else "linear"
+    where = f"nested {op} {label}"
+    w_expr = _value(m[_w], var2val)
+    if not isinstance(w_expr, Constant):
+        raise ValueError(f"{where}: the weight is not a constant; bind the parameters first "
+                         f"(e.g. from_exported_program without keep_params_as_input, or BindParams)")
+    lm_expr = _strip_casts(m[_lm], var2val)
+    if not isinstance(lm_expr, Constant):
+        raise ValueError(f"{where}: the level map is not a constant")
+    W, LM = const_numpy(w_expr), const_numpy(lm_expr)
+    if LM.dtype.kind not in "iu":
+        raise ValueError(f"{where}: the level map is not an integer tensor (dtype {LM.dtype})")
+    if LM.shape != W.shape:
+        raise ValueError(f"{where}: the level map shape {LM.shape} differs from the weight shape {W.shape}")
+
+    # The level as compared, as a variable where one is bound to it.
+    lvl = m[_level]
+    lvl = val2var.get(lvl, lvl) if not isinstance(lvl, relax.Var) else lvl
+    x = value.args[0]
+    x_shape, out_shape = _static_shape(x), _static_shape(value)
+    if x_shape is None or out_shape is None:
+        raise Unsupported(f"{where}: dynamic shapes are not supported; left dense")
+    for what, e in (("weight", w_expr), ("input", x), ("output", value)):
+        if dtype_of(e) not in _FLOAT_OK:
+            raise Unsupported(f"{where}: {what} dtype {dtype_of(e)} is not float32; left dense")
+
+    layer = NestedLayer(label, op, None, value, x, lvl, None, None, out_shape)
+    if kind == "conv2d":
+        a = value.attrs
+        layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
+        if layouts != ("NCHW", "OIHW", "NCHW"):
+            raise Unsupported(f"{where}: layout {'/'.join(layouts)} is not NCHW/OIHW/NCHW; left dense")
+        if W.ndim != 4 or len(x_shape) != 4:
+            raise Unsupported(f"{where}: not a 2-D convolution over NCHW input; left dense")
+        layer.weight2d = W.reshape(W.shape[0], -1).astype(np.float32)
+        layer.level_map2d = LM.reshape(LM.shape[0], -1)
+        layer.conv = dict(
+            x_shape=x_shape, kernel_size=(int(W.shape[2]), int(W.shape[3])),
+            strides=tuple(int(s) for s in a.strides), padding=tuple(int(p) for p in a.padding),
+            dilation=tuple(int(d) for d in a.dilation), groups=int(a.groups),
+        )
+    else:
+        if W.ndim != 2 or len(x_shape) < 2:
+            raise Unsupported(f"{where}: only a 2-D weight with an input of rank >= 2 is supported; left dense")
+        if kind == "linear":
+            pd = _value(value.args[1], var2val)
+            axes = pd.attrs.axes
+            if axes is not None and [int(i) for i in axes] != [1, 0]:
+                return None
+            W2, LM2 = W, LM
+        else:  # matmul(x, W_eff) with W [cols, rows]: pack the transpose
+            W2, LM2 = W.T, LM.T
+        if x_shape[-1] != W2.shape[1]:
+            raise Unsupported(f"{where}: input shape {x_shape} does not contract with weight {W2.shape}; left dense")
+        layer.weight2d = np.ascontiguousarray(W2, dtype=np.float32)
+        layer.level_map2d = np.ascontiguousarray(LM2)
+    return layer
+
+
+def _uses(func: relax.Function) -> dict:
+    """How many bindings (and the function result) use each variable."""
+    counts: dict = {}
+
+    def count(expr):
+        for v in relax.analysis.free_vars(expr):
+            counts[v] = counts.get(v, 0) + 1
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            count(b.value)
+    count(func.body.body)
+    return counts
+
+
+def _per_channel_bias(add_value, layer_var, layer: NestedLayer, var2val) -> np.ndarray | None:
+    """The bias of ``add(layer, b)`` / ``add(b, layer)`` when ``b`` is a per-output-channel constant."""
+    a, b = add_value.args
+    other = b if a.same_as(layer_var) else a if b.same_as(layer_var) else None
+    if other is None or _static_shape(add_value) != layer.out_shape:
+        return None
+    if dtype_of(add_value) != "float32":
+        return None
+    arr = constant_of(other, var2val)
+    if arr is None or arr.size != layer.rows:
+        return None
+    channel_axis = 1 if layer.op == "conv2d" else len(layer.out_shape) - 1
+    want = [1] * len(layer.out_shape)
+    want[channel_axis] = layer.rows
+    # b broadcasts along the channel axis only: right-aligned, its shape is a suffix of `want`
+    if arr.ndim > len(want) or list(arr.shape) != want[len(want) - arr.ndim:]:
+        return None
+    return arr.reshape(-1).astype(np.float32)
+
+
+def find_nested_layers(func: relax.Function) -> tuple[list[NestedLayer], list[str]]:
+    """Every nested layer of ``func`` (bias adds fused), and warnings for the ones left dense."""
+    var2val = relax.analysis.get_var2val(func)
+    val2var = {v: k for k, v in var2val.items()}
+    params = list(func.params)
+    layers: dict = {}  # binding var -> NestedLayer
+    ordered: list[NestedLayer] = []
+    warnings: list[str] = []
+    position = {"conv2d": 0, "linear": 0}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if not isinstance(b, relax.VarBinding):
+                continue
+            op_hint = "conv2d" if _is_call(b.value, "relax.nn.conv2d") else "linear"
+            label = f"{op_hint}_{position[op_hint]} ({b.var.name})"
+            try:
+                layer = match_layer(b.value, label, params, var2val, val2var)
+            except Unsupported as e:
+                warnings.append(str(e))
+                position[op_hint] += 1
+                continue
+            if layer is None:
+                continue
+            position[op_hint] += 1
+            layer.var = b.var
+            layers[b.var] = layer
+            ordered.append(layer)
+
+    # Fuse a following per-output-channel constant bias add into the layer (single use only).
+    uses = _uses(func)
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if not (isinstance(b, relax.VarBinding) and _is_call(b.value, "relax.add")):
+                continue
+            for arg in b.value.args:
+                layer = layers.get(arg) if isinstance(arg, relax.Var) else None
+                if layer is None or layer.bias is not None or uses.get(arg, 0) != 1:
+                    continue
+                bias = _per_channel_bias(b.value, arg, layer, var2val)
+                if bias is not None:
+                    del layers[arg]
+                    layer.bias, layer.var = bias, b.var
+                    layers[b.var] = layer
+                    break
+    return ordered, warnings
