@@ -56,7 +56,7 @@ class _Plan:
 
 
 def _kernel(layer: NestedLayer, fmt):
-    from tvm_nested.schedules import nested_conv2d, nested_linear
+    from tvm_nested.schedules.kernels import nested_conv2d, nested_linear
 
     has_bias = layer.bias is not None
     if layer.op == "conv2d":
@@ -71,7 +71,7 @@ def _batch(layer: NestedLayer) -> int:
 
 
 def _info_record(layer: NestedLayer, fmt, num_levels: int) -> dict:
-    from tvm_nested.schedules import csr_nbytes
+    from tvm_nested.schedules.format import csr_nbytes
 
     return {
         "name": layer.name,
@@ -92,6 +92,15 @@ class _Lowerer(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, plans: dict):
         super().__init__(mod)
         self.plans = plans
+        self._level_i32 = {}  # level var -> its int32 cast, emitted once per block
+
+    def visit_binding_block_(self, block):
+        self._level_i32 = {}
+        return super().visit_binding_block_(block)
+
+    def visit_dataflow_block_(self, block):
+        self._level_i32 = {}
+        return super().visit_dataflow_block_(block)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         plan = self.plans.get(binding.var)
@@ -115,7 +124,9 @@ class _Lowerer(PyExprMutator):
         x = self.visit_expr(layer.x)
         level = self.visit_expr(layer.level)
         if dtype_of(level) != "int32":
-            level = self.builder_.emit(relax.op.astype(level, "int32"))
+            if level not in self._level_i32:
+                self._level_i32[level] = self.builder_.emit(relax.op.astype(level, "int32"))
+            level = self._level_i32[level]
         consts = [relax.const(a) for a in plan.fmt.arrays()]
         args = [x, *consts, *([bias] if bias is not None else []), level]
         if layer.op == "conv2d" or len(layer.out_shape) == 2:
@@ -128,7 +139,7 @@ class _Lowerer(PyExprMutator):
 
 
 def _lower_module(mod: tvm.IRModule) -> tvm.IRModule:
-    from tvm_nested.schedules import FORMAT_VERSION, NestedCSR
+    from tvm_nested.schedules.format import FORMAT_VERSION, NestedCSR
 
     found: list[tuple[tvm.ir.GlobalVar, list[NestedLayer]]] = []
     for gv, func in mod.functions_items():
@@ -153,7 +164,10 @@ def _lower_module(mod: tvm.IRModule) -> tvm.IRModule:
         gv = None
         if fmt.nnz(0) > 0:
             name = "nested_conv2d" if layer.op == "conv2d" else "nested_linear"
-            gv = lowerer.builder_.add_func(_kernel(layer, fmt), name)
+            kernel = _kernel(layer, fmt)
+            gv = lowerer.builder_.add_func(kernel, name)
+            # add_func makes the GlobalVar name unique; the symbol the kernel is compiled to must follow.
+            lowerer.builder_.update_func(gv, kernel.with_attr("global_symbol", gv.name_hint))
         lowerer.plans[layer.var] = _Plan(layer, fmt, gv)
         records.append(_info_record(layer, fmt, num_levels))
 
