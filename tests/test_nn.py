@@ -1,0 +1,170 @@
+"""tvm_nested.nn and tvm_nested.levelmap: nested layers equal the dense model with W * (LM >= l)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from tvm_nested import levelmap as lmod
+from tvm_nested import nn as tnn
+
+DENSITIES = [0.6, 0.3, 0.1]
+L = len(DENSITIES)
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU())
+        self.fc = nn.Linear(6 * 5 * 5, 7)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.block(x), 1))
+
+
+def _dense_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Inner()).eval()
+
+
+NAMES = ["0", "2.block.0", "2.fc"]
+
+
+def _masked_dense(dense, nested, level):
+    """The dense model with every nested weight replaced by W * (LM >= level)."""
+    ref = _dense_model()
+    ref.load_state_dict(dense.state_dict())
+    for name in NAMES:
+        layer = ref.get_submodule(name)
+        lm = nested.module.get_submodule(name).level_map
+        with torch.no_grad():
+            layer.weight.mul_((lm >= level).to(layer.weight.dtype))
+    return ref
+
+
+@pytest.mark.parametrize("level", range(L), ids=[f"level{l}" for l in range(L)])
+def test_nested_model_equals_masked_dense(level):
+    dense = _dense_model()
+    nested = tnn.nest(dense, {n: DENSITIES for n in NAMES})
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    got = nested(x, level=torch.tensor(level))
+    want = _masked_dense(dense, nested, level)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_level_reaches_layers_inside_containers():
+    nested = tnn.nest(_dense_model(), {n: DENSITIES for n in NAMES})
+    assert [n for n, _ in nested.nested_layers()] == NAMES
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, int(mod.level)))
+             for n, m in nested.nested_layers()]
+    nested(torch.zeros(1, 3, 5, 5), level=torch.tensor(2))
+    for h in hooks:
+        h.remove()
+    assert seen == {n: 2 for n in NAMES}
+    assert all(m.level is None for _, m in nested.nested_layers()), "the level must not stay behind in a layer"
+
+
+def test_levels_differ_and_nest():
+    nested = tnn.nest(_dense_model(), {n: DENSITIES for n in NAMES})
+    x = torch.randn(1, 3, 5, 5, generator=torch.Generator().manual_seed(2))
+    outs = [nested(x, level=torch.tensor(l)) for l in range(L)]
+    assert not torch.allclose(outs[0], outs[-1])
+    assert nested.num_levels == L
+
+
+def test_nest_does_not_touch_the_dense_model():
+    dense = _dense_model()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    tnn.nest(dense, {"0": DENSITIES})
+    assert isinstance(dense[0], nn.Conv2d) and not isinstance(dense[0], tnn.NestedConv2d)
+    for k, v in dense.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_nested_layer_without_level_is_refused():
+    nested = tnn.nest(_dense_model(), {"0": DENSITIES})
+    with pytest.raises(RuntimeError, match="no level given"):
+        nested.module(torch.zeros(1, 3, 5, 5))
+
+
+def test_nest_unknown_submodule():
+    with pytest.raises(KeyError, match="nope"):
+        tnn.nest(_dense_model(), {"nope": DENSITIES})
+
+
+def test_nest_accepts_masks_and_level_maps():
+    dense = _dense_model()
+    w = dense[0].weight.detach().numpy()
+    lm = lmod.levelmap_by_magnitude(w, DENSITIES)
+    masks = lmod.masks_from_levelmap(lm, L)
+    a = tnn.nest(dense, {"0": lm}).module[0].level_map.numpy()
+    b = tnn.nest(dense, {"0": masks}).module[0].level_map.numpy()
+    np.testing.assert_array_equal(a, lm)
+    np.testing.assert_array_equal(b, lm)
+
+
+# ------------------------------------------------------------------------------------ levelmap
+def test_levelmap_from_masks_roundtrip():
+    rng = np.random.default_rng(0)
+    lm = rng.integers(-1, 4, size=(5, 6)).astype(np.int32)
+    np.testing.assert_array_equal(lmod.levelmap_from_masks(lmod.masks_from_levelmap(lm, 4)), lm)
+
+
+@pytest.mark.parametrize("bad_level", [1, 2], ids=["level1", "level2"])
+def test_levelmap_from_masks_refuses_non_nested(bad_level):
+    rng = np.random.default_rng(0)
+    masks = lmod.masks_from_levelmap(rng.integers(-1, 3, size=(4, 4)), 3)
+    masks[bad_level] = masks[bad_level].copy()
+    pos = tuple(np.argwhere(~masks[bad_level - 1])[0])
+    masks[bad_level][pos] = True
+    with pytest.raises(lmod.NestingError, match=rf"conv7: .*level {bad_level} keeps weight"):
+        lmod.levelmap_from_masks(masks, layer="conv7")
+
+
+def test_levelmap_from_masks_refuses_shape_mismatch():
+    with pytest.raises(lmod.NestingError, match="fc: mask of level 1 has shape"):
+        lmod.levelmap_from_masks([np.ones((2, 2)), np.ones((3, 2))], layer="fc")
+
+
+@pytest.mark.parametrize(
+    "lm,match",
+    [(np.zeros((2, 2), np.float32), "integer"), (np.zeros((3, 2), np.int32), "shape"),
+     (np.full((2, 2), -2, np.int32), "-2")],
+    ids=["float", "shape", "below-minus-one"],
+)
+def test_check_levelmap_errors(lm, match):
+    with pytest.raises(lmod.NestingError, match=match):
+        lmod.check_levelmap(lm, (2, 2), layer="w")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    dens=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_levelmap_by_magnitude_densities_exact(shape, dens, seed):
+    dens = sorted(dens, reverse=True)
+    w = np.random.default_rng(seed).standard_normal(shape)
+    lm = lmod.levelmap_by_magnitude(w, dens)
+    n = w.size
+    for lvl, d in enumerate(dens):
+        keep = lm >= lvl
+        assert keep.sum() == int(round(d * n))
+        if keep.any() and (~keep).any():  # magnitude: every kept weight at least as large as every pruned one
+            assert np.abs(w[keep]).min() >= np.abs(w[~keep]).max()
+    assert lmod.densities(lm, len(dens)) == pytest.approx([int(round(d * n)) / n for d in dens])
+
+
+@pytest.mark.parametrize("dens", [[0.2, 0.5], [1.5], []], ids=["increasing", "above-one", "empty"])
+def test_levelmap_by_magnitude_refuses_bad_densities(dens):
+    with pytest.raises(lmod.NestingError, match="densities"):
+        lmod.levelmap_by_magnitude(np.ones((2, 2)), dens)
+
+
+def test_num_levels_of():
+    assert lmod.num_levels_of([np.full((2,), -1), np.array([0, 3])]) == 4
+    assert lmod.num_levels_of([np.full((2,), -1)]) == 1
