@@ -92,6 +92,7 @@ def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool):
         raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
     M, K, L = fmt.rows, fmt.cols, fmt.num_levels
     NNZ = int(fmt.values.shape[0])
+    MAXLEN = max(1, int(fmt.level_len[0].max()))  # domain of the in-row reduction index
     cdt, ldt = str(fmt.col.dtype), str(fmt.level_len.dtype)
     stage = B > 1  # batch > 1: transpose x so the batch (the vector dimension) is contiguous
     attrs = _attrs("linear", fmt, B)
@@ -99,8 +100,8 @@ def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool):
     @T.macro
     def body(x, val, col, row_ptr, level_len, bias, level, out):
         T.func_attr(attrs)
-        xt = T.sblock_alloc_buffer((K, B), "float32")
         if stage:
+            xt = T.sblock_alloc_buffer((K, B), "float32")
             for k, b in T.grid(K, B):
                 with T.sblock("x_t"):
                     vk, vb = T.axis.remap("SS", [k, b])
@@ -109,27 +110,31 @@ def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool):
             with T.sblock("row"):
                 vm = T.axis.spatial(M, m)
                 acc = T.sblock_alloc_buffer((B,), "float32", scope="local")
-                for b in range(B):
-                    with T.sblock("init"):
-                        vb = T.axis.spatial(B, b)
-                        acc[vb] = T.float32(0)
-                for j in range(row_ptr[vm], row_ptr[vm] + T.Cast(
-                        "int32", level_len[T.max(0, T.min(level[()], L - 1)), vm])):
+                for j in range(T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm])):
                     for b in range(B):
                         with T.sblock("update"):
                             vb = T.axis.spatial(B, b)
-                            vj = T.axis.reduce(NNZ, j)
+                            vj = T.axis.reduce(MAXLEN, j)
+                            with T.init():
+                                acc[vb] = T.float32(0)
                             if stage:
-                                acc[vb] = acc[vb] + val[vj] * xt[T.Cast("int32", col[vj]), vb]
+                                acc[vb] = acc[vb] + val[row_ptr[vm] + vj] * xt[
+                                    T.Cast("int32", col[row_ptr[vm] + vj]), vb]
                             else:
-                                acc[vb] = acc[vb] + val[vj] * x[vb, T.Cast("int32", col[vj])]
+                                acc[vb] = acc[vb] + val[row_ptr[vm] + vj] * x[
+                                    vb, T.Cast("int32", col[row_ptr[vm] + vj])]
                 for b in range(B):
                     with T.sblock("store"):
                         vb = T.axis.spatial(B, b)
+                        # an empty row never runs the reduction's init
                         if has_bias:
-                            out[vb, vm] = acc[vb] + bias[vm]
+                            out[vb, vm] = T.if_then_else(
+                                level_len[T.max(0, T.min(level[()], L - 1)), vm] > T.Cast(ldt, 0),
+                                acc[vb], T.float32(0)) + bias[vm]
                         else:
-                            out[vb, vm] = acc[vb]
+                            out[vb, vm] = T.if_then_else(
+                                level_len[T.max(0, T.min(level[()], L - 1)), vm] > T.Cast(ldt, 0),
+                                acc[vb], T.float32(0))
 
     if has_bias:
         @T.prim_func(s_tir=True)
@@ -139,7 +144,7 @@ def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool):
                                level: T.Buffer((), "int32"), out: T.Buffer((B, M), "float32")):
             body(x, val, col, row_ptr, level_len, bias, level, out)
 
-        return _drop_unused_stage(nested_linear_bias, stage)
+        return nested_linear_bias
 
     @T.prim_func(s_tir=True)
     def nested_linear(x: T.Buffer((B, K), "float32"), val: T.Buffer((NNZ,), "float32"),
@@ -148,7 +153,7 @@ def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool):
                       out: T.Buffer((B, M), "float32")):
         body(x, val, col, row_ptr, level_len, None, level, out)
 
-    return _drop_unused_stage(nested_linear, stage)
+    return nested_linear
 
 
 # ---------------------------------------------------------------------------------------- conv2d
@@ -207,14 +212,15 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
     TR = _conv_tile_rows(OH, OW)
     NT = OH // TR
     NNZ = int(fmt.values.shape[0])
+    MAXLEN = max(1, int(fmt.level_len[0].max()))  # domain of the in-row reduction index
     cdt, ldt = str(fmt.col.dtype), str(fmt.level_len.dtype)
     attrs = _attrs("conv2d", fmt, OW, **{"nested.tile_rows": TR})
 
     @T.macro
     def body(x, val, col, row_ptr, level_len, bias, level, out):
         T.func_attr(attrs)
-        xp = T.sblock_alloc_buffer((N, C, HP, WP), "float32")
         if stage:
+            xp = T.sblock_alloc_buffer((N, C, HP, WP), "float32")
             for n, c, h, w in T.grid(N, C, HP, WP):
                 with T.sblock("pad"):
                     vn, vc, vh, vw = T.axis.remap("SSSS", [n, c, h, w])
@@ -226,33 +232,37 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
             with T.sblock("row"):
                 vn, vo, vt = T.axis.remap("SSS", [n, o, t])
                 acc = T.sblock_alloc_buffer((TR, OW), "float32", scope="local")
-                for r, ow in T.grid(TR, OW):
-                    with T.sblock("init"):
-                        vr, vow = T.axis.remap("SS", [r, ow])
-                        acc[vr, vow] = T.float32(0)
-                for j in range(row_ptr[vo], row_ptr[vo] + T.Cast(
-                        "int32", level_len[T.max(0, T.min(level[()], L - 1)), vo])):
+                for j in range(T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vo])):
                     for r, ow in T.grid(TR, OW):
                         with T.sblock("update"):
                             vr, vow = T.axis.remap("SS", [r, ow])
-                            vj = T.axis.reduce(NNZ, j)
+                            vj = T.axis.reduce(MAXLEN, j)
+                            with T.init():
+                                acc[vr, vow] = T.float32(0)
                             if stage:
-                                acc[vr, vow] = acc[vr, vow] + val[vj] * xp[
-                                    vn, (vo // OG) * CG + T.Cast("int32", col[vj]) // KHW,
-                                    (vt * TR + vr) * SH + (T.Cast("int32", col[vj]) % KHW) // KW * DH,
-                                    vow * SW + T.Cast("int32", col[vj]) % KW * DW]
+                                acc[vr, vow] = acc[vr, vow] + val[row_ptr[vo] + vj] * xp[
+                                    vn, (vo // OG) * CG + T.Cast("int32", col[row_ptr[vo] + vj]) // KHW,
+                                    (vt * TR + vr) * SH
+                                    + T.Cast("int32", col[row_ptr[vo] + vj]) % KHW // KW * DH,
+                                    vow * SW + T.Cast("int32", col[row_ptr[vo] + vj]) % KW * DW]
                             else:
-                                acc[vr, vow] = acc[vr, vow] + val[vj] * x[
-                                    vn, (vo // OG) * CG + T.Cast("int32", col[vj]) // KHW,
-                                    (vt * TR + vr) * SH + (T.Cast("int32", col[vj]) % KHW) // KW * DH,
-                                    vow * SW + T.Cast("int32", col[vj]) % KW * DW]
+                                acc[vr, vow] = acc[vr, vow] + val[row_ptr[vo] + vj] * x[
+                                    vn, (vo // OG) * CG + T.Cast("int32", col[row_ptr[vo] + vj]) // KHW,
+                                    (vt * TR + vr) * SH
+                                    + T.Cast("int32", col[row_ptr[vo] + vj]) % KHW // KW * DH,
+                                    vow * SW + T.Cast("int32", col[row_ptr[vo] + vj]) % KW * DW]
                 for r, ow in T.grid(TR, OW):
                     with T.sblock("store"):
                         vr, vow = T.axis.remap("SS", [r, ow])
+                        # an empty row never runs the reduction's init
                         if has_bias:
-                            out[vn, vo, vt * TR + vr, vow] = acc[vr, vow] + bias[vo]
+                            out[vn, vo, vt * TR + vr, vow] = T.if_then_else(
+                                level_len[T.max(0, T.min(level[()], L - 1)), vo] > T.Cast(ldt, 0),
+                                acc[vr, vow], T.float32(0)) + bias[vo]
                         else:
-                            out[vn, vo, vt * TR + vr, vow] = acc[vr, vow]
+                            out[vn, vo, vt * TR + vr, vow] = T.if_then_else(
+                                level_len[T.max(0, T.min(level[()], L - 1)), vo] > T.Cast(ldt, 0),
+                                acc[vr, vow], T.float32(0))
 
     if has_bias:
         @T.prim_func(s_tir=True)
@@ -263,7 +273,7 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
                                out: T.Buffer((N, O, OH, OW), "float32")):
             body(x, val, col, row_ptr, level_len, bias, level, out)
 
-        return _drop_unused_stage(nested_conv2d_bias, stage)
+        return nested_conv2d_bias
 
     @T.prim_func(s_tir=True)
     def nested_conv2d(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
@@ -272,12 +282,7 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
                       out: T.Buffer((N, O, OH, OW), "float32")):
         body(x, val, col, row_ptr, level_len, None, level, out)
 
-    return _drop_unused_stage(nested_conv2d, stage)
-
-
-def _drop_unused_stage(func, stage: bool):
-    """Without a staging block the staging buffer is never touched; lowering removes it."""
-    return func
+    return nested_conv2d
 
 
 __all__ = ["nested_linear", "nested_conv2d", "conv2d_output_shape", "ATTR_OP", "ATTR_NUM_LEVELS",
