@@ -243,14 +243,15 @@ def _per_channel_bias(add_value, layer_var, layer: NestedLayer, var2val) -> np.n
         return None
     if dtype_of(add_value) != "float32":
         return None
-    arr = constant_of(other, var2val)
-    if arr is None or arr.size != layer.rows:
+    arr, shape = constant_of(other, var2val), _static_shape(other)
+    if arr is None or shape is None or arr.size != layer.rows:
         return None
     channel_axis = 1 if layer.op == "conv2d" else len(layer.out_shape) - 1
     want = [1] * len(layer.out_shape)
     want[channel_axis] = layer.rows
-    # b broadcasts along the channel axis only: right-aligned, its shape is a suffix of `want`
-    if arr.ndim > len(want) or list(arr.shape) != want[len(want) - arr.ndim:]:
+    # b (as added, after any reshape) broadcasts along the channel axis only: right-aligned, its
+    # shape is a suffix of `want`
+    if len(shape) > len(want) or list(shape) != want[len(want) - len(shape):]:
         return None
     return arr.reshape(-1).astype(np.float32)
 
