@@ -314,7 +314,7 @@ def ensure_board(cache_dir: str | os.PathLike | None = None, *, install_tools: b
         debs = _fetch_debs(downloads)
         wheels = _fetch_wheels(downloads, pins)
 
-        _log(f"extract {len(debs)} .debs -> {sysroot}")
+        _log(f"extract {len(debs)} .debs into a fresh sysroot")
         tmp = cache_dir / "sysroot.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -509,13 +509,17 @@ class Board:
         raise BoardError(f"board {bp.kind} on {bp.host}:{bp.port} {why}; log {bp.log}:\n{tail}")
 
     def start_tracker(self, host: str = "127.0.0.1", port: int = 9190, port_end: int = 9299,
-                      timeout: float = 120.0) -> BoardProcess:
-        """TVM's RPC tracker (``python -m tvm.exec.rpc_tracker``) on the host, its own group."""
+                      wait: bool = True) -> BoardProcess:
+        """TVM's RPC tracker (``python -m tvm.exec.rpc_tracker``) on the host, its own group.
+
+        ``wait=False`` returns at once (servers given its address retry for 60 s until it is
+        up): call ``wait_ready(proc)`` later.
+        """
         port = free_port(host, port, port_end)
         cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
                "--port-end", str(port_end)]
         bp = self._spawn("tracker", cmd, dict(os.environ), host, port)
-        return self._wait_bound(bp, timeout)
+        return self.wait_ready(bp) if wait else bp
 
     def start_server(self, host: str = "127.0.0.1", port: int = 9090, port_end: int = 9199,
                      tracker: tuple[str, int] | str | None = None, key: str | None = None,
@@ -571,6 +575,10 @@ class Board:
         return any(s.get("key") == f"server:{bp.key}" and s["addr"][1] == bp.port
                    for s in info.get("server_info", []))
 
+    @property
+    def running(self) -> list[BoardProcess]:
+        return [bp for bp in self.procs if bp.proc.poll() is None]
+
     # -- stopping -------------------------------------------------------------------------------
     @staticmethod
     def _kill(bp: BoardProcess, grace: float = 10.0) -> None:
@@ -596,6 +604,45 @@ class Board:
             self._kill(bp)
         self.procs.clear()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def connect(address: tuple[str, int] | None = None, *, tracker: tuple[str, int] | None = None,
+            key: str = BOARD_KEY, session_timeout: float = 0, timeout: float = 30.0):
+    """An RPC session with a board, directly (``address``) or through ``tracker`` (by ``key``).
+
+    Unlike ``rpc.connect_tracker`` (retries 60 s) and ``TrackerSession.request`` (waits forever
+    for a server with the key), this raises ``BoardError`` within about ``timeout`` seconds when
+    the board or tracker cannot be reached or no free server has registered ``key``.
+    """
+    from tvm import rpc
+
+    if (address is None) == (tracker is None):
+        raise ValueError("give exactly one of address= or tracker=")
+    target = address or tracker
+    what = f"board {target[0]}:{target[1]}" if address else f"tracker {target[0]}:{target[1]}"
+    try:  # a bounded reachability check: a bare connect() blocks for minutes on a dropped SYN
+        socket.create_connection(target, timeout=timeout).close()
+    except OSError as e:
+        raise BoardError(f"{what} unreachable: {e}") from e
+    if address:
+        try:
+            return rpc.connect(address[0], address[1], session_timeout=session_timeout)
+        except Exception as e:  # tvm raises InternalError / RuntimeError / TVMError
+            raise BoardError(f"{what}: RPC connect failed: {e}") from e
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            queue = rpc.connect_tracker(*tracker).summary()["queue_info"]
+        except Exception as e:
+            raise BoardError(f"{what}: not a TVM RPC tracker ({e})") from e
+        if queue.get(key, {}).get("free", 0) > 0:
+            break
+        if time.monotonic() > deadline:
+            raise BoardError(f"{what}: no free server with key {key!r} after {timeout:.0f}s "
+                             f"(keys: {sorted(queue) or 'none'})")
+        time.sleep(0.5)
+    return rpc.connect_tracker(*tracker).request(key, session_timeout=session_timeout,
+                                                 max_retry=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,7 +727,7 @@ def board_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["BOARD_KEY", "DEFAULT_CPU", "Board", "BoardEnv", "BoardError", "BoardProcess",
-           "board_available", "board_main", "board_wheels", "default_cache_dir", "ensure_board",
+           "board_available", "board_main", "board_wheels", "connect", "default_cache_dir", "ensure_board",
            "free_port", "is_listening", "missing_host_tools"]
 
 

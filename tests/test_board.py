@@ -1,0 +1,111 @@
+"""Deploy to the emulated aarch64 board over TVM RPC: cross-compile on the host, run on the board.
+
+Uses the fixtures of tests/conftest_board.py. Emulated run times are not performance numbers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.support import cc  # 0.27: tvm.contrib.cc moved to tvm.support.cc
+
+from tvm_nested import board as tb
+
+pytestmark = pytest.mark.board
+
+TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+ELF_MACHINE_AARCH64 = 183
+
+
+@I.ir_module
+class MatmulRelu:
+    @R.function
+    def main(
+        x: R.Tensor((8, 64), "float32"), w: R.Tensor((64, 32), "float32")
+    ) -> R.Tensor((8, 32), "float32"):
+        with R.dataflow():
+            y = R.nn.relu(R.matmul(x, w))
+            R.output(y)
+        return y
+
+
+@pytest.fixture(scope="module")
+def matmul_relu_so(tmp_path_factory):
+    """MatmulRelu cross-compiled for aarch64 (NEON) into a shared library."""
+    ex = tvm.compile(MatmulRelu, target=tvm.target.Target(TARGET))
+    path = tmp_path_factory.mktemp("board") / "matmul_relu_aarch64.so"
+    ex.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))
+    assert int.from_bytes(path.read_bytes()[18:20], "little") == ELF_MACHINE_AARCH64
+    return path
+
+
+def _open_session(via, request):
+    if via == "direct":
+        return tb.connect(request.getfixturevalue("board_server").address, session_timeout=120)
+    trk = request.getfixturevalue("board_tracker")
+    return tb.connect(tracker=trk.address, key=trk.key, session_timeout=120)
+
+
+@pytest.mark.parametrize("via", ["direct", "tracker"])
+def test_cross_compiled_matmul_relu_runs_on_board(via, request, matmul_relu_so):
+    remote = _open_session(via, request)
+    # the board's own TVM says aarch64: the code really runs emulated, not on the host
+    assert remote.get_function("target.llvm_get_system_triple")().startswith("aarch64")
+    remote.upload(str(matmul_relu_so))
+    rlib = remote.load_module(matmul_relu_so.name)
+    dev = remote.cpu()
+    vm = relax.VirtualMachine(rlib, dev)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 64), dtype=np.float32)
+    w = rng.standard_normal((64, 32), dtype=np.float32)
+    out = vm["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev)).numpy()
+    np.testing.assert_allclose(out, np.maximum(x @ w, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("via", ["direct", "tracker"])
+def test_unreachable_board_fails_fast(via):
+    dead = ("127.0.0.1", tb.free_port("127.0.0.1", 20000, 21000))  # nobody listens there
+    kw = {"address": dead} if via == "direct" else {"tracker": dead}
+    t0 = time.monotonic()
+    with pytest.raises(tb.BoardError, match=f"127.0.0.1:{dead[1]} unreachable"):
+        tb.connect(**kw, timeout=5)
+    assert time.monotonic() - t0 < 10
+
+
+def test_tracker_without_the_key_fails_fast(board_tracker):
+    t0 = time.monotonic()
+    with pytest.raises(tb.BoardError, match="no free server with key 'no-such-board'"):
+        tb.connect(tracker=board_tracker.address, key="no-such-board", timeout=3)
+    assert time.monotonic() - t0 < 10
+
+
+def test_stop_kills_every_process_of_the_board(board_env):
+    import psutil
+
+    def gone(pid):
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    with tb.Board(board_env) as board:
+        tracker = board.start_tracker(wait=False)
+        server = board.start_server(wait=False)
+        board.wait_ready(tracker)
+        board.wait_ready(server)
+        # stock server = launcher + PopenWorker child (the real listener, orphaned by a plain kill)
+        assert len(server.pids()) >= 2
+        pids = tracker.pids() + server.pids()
+        board.stop()
+    deadline = time.monotonic() + 5
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in pids if not gone(p)] == []
+    assert not tb.is_listening(*server.address)
+    assert not tb.is_listening(*tracker.address)
