@@ -104,3 +104,20 @@ def test_dense_squeezenet_tvm_matches_ort():
     got = vm["main"](*[tvm.runtime.tensor(v) for v in x.values()])
     got = got.numpy() if hasattr(got, "numpy") else got[0].numpy()
     np.testing.assert_allclose(got, ort_run(model, x)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_nested_squeezenet_plain_tvm_matches_ort_at_every_level():
+    """from_onnx + a plain tvm.compile (masks evaluated densely) against ORT, one module for every level."""
+    import tvm
+    from tvm import relax
+
+    densities = (0.5, 0.2, 0.05)
+    model = zoo.nested("squeezenet", densities=densities)
+    x = zoo.example_input(model, seed=1)
+    vm = relax.VirtualMachine(tvm.compile(from_onnx(model), "llvm"), tvm.cpu())
+    sess = ort_session(model)
+    for level in range(len(densities)):
+        got = vm["main"](*[tvm.runtime.tensor(v) for v in x.values()], tvm.runtime.tensor(np.array(level, "int32")))
+        got = got.numpy() if hasattr(got, "numpy") else got[0].numpy()
+        np.testing.assert_allclose(got, ort_run(sess, x, level)[0], rtol=1e-4, atol=1e-5, err_msg=f"level {level}")
