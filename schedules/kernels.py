@@ -10,9 +10,11 @@ Block structure (what ``schedules/cpu.py`` schedules; the names are part of the 
   a layout where the dense ("vector") dimension is innermost and no bound checks are needed.
 * ``"row"``: one output row (linear: output channel ``m``; conv: ``(n, o, tile of TR output rows)``)
   with a local accumulator over the dense dimension. Inside it:
-  ``"init"`` (acc = 0), ``"update"`` under the data-dependent loop
-  ``for j in range(row_ptr[r], row_ptr[r] + level_len[lvl, r])`` with the dense loop(s) innermost,
-  and ``"store"`` (out = acc (+ bias)).
+  ``"update"``, a reduction block (``T.init`` zeroes the accumulator) under the data-dependent loop
+  ``for j in range(level_len[lvl, r])`` reading entry ``row_ptr[r] + j``, with the dense loop(s)
+  innermost; then ``"store"`` (out = acc (+ bias); 0 for a row empty at this level, whose
+  reduction never ran its init). Being a proper reduction block lets a schedule vectorise the
+  dense loop and ``decompose_reduction`` the init out of the data-dependent loop.
 
 The dense dimension (the batch for linear; output columns ``ow`` of a tile of output rows for conv,
 as XNNPACK's sparse kernels do) sits INSIDE the data-dependent loop, so a schedule vectorises it
