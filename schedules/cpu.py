@@ -140,13 +140,19 @@ def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
     sch.decompose_reduction(update, j_loop)
 
 
+def _fresh_copy(func):
+    """A deep copy: ``Schedule`` rewrites the statements of the function it is given in place, and
+    a schedule rule must leave its input intact (callers keep and reuse unscheduled kernels)."""
+    return tvm.ir.load_json(tvm.ir.save_json(func))
+
+
 def schedule_cpu(func, target, knobs: CPUKnobs | None = None):
     """Schedule a nested kernel for an llvm (CPU) target; None when the rule does not apply."""
     target = _as_target(target)
     if target.kind.name != "llvm" or not is_nested_kernel(func):
         return None
     knobs = knobs or default_knobs(target)
-    sch = Schedule(func)
+    sch = Schedule(_fresh_copy(func))
     apply_knobs(sch, knobs)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 

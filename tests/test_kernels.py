@@ -280,3 +280,12 @@ def test_conv2d_rejects_bad_arguments(kwargs, match):
             "padding": (0, 0, 0, 0), "dilation": (1, 1), "groups": 1, "has_bias": False, **kwargs}
     with pytest.raises(ValueError, match=match):
         nested_conv2d(**args)
+
+
+def test_schedule_cpu_leaves_its_input_intact():
+    fmt = NestedCSR.pack(np.ones((8, 8), np.float32), np.zeros((8, 8), np.int32), 1)
+    func = nested_linear(fmt, 16, False)
+    before = func.script()
+    scheduled = schedule_cpu(func, HOST)
+    assert func.script() == before
+    assert "T.vectorized" in scheduled.script() and "T.vectorized" not in before
