@@ -46,8 +46,13 @@ from pathlib import Path
 BOARD_KEY = "tvm-nested-board"  # the tracker key the test fixtures and docs use
 DEFAULT_CPU = "cortex-a72"  # Raspberry Pi 4: no SVE, so code the real board lacks dies (SIGILL)
 
-# host executable -> Debian package that provides it
-HOST_TOOLS = {"qemu-aarch64": "qemu-user", "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}
+# host executable or file -> Debian package that provides it (crti.o & co. for linking a .so:
+# gcc-aarch64-linux-gnu only recommends the arm64 libc dev files)
+HOST_TOOLS = {
+    "qemu-aarch64": "qemu-user",
+    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+    "/usr/aarch64-linux-gnu/lib/crti.o": "libc6-dev-arm64-cross",
+}
 
 DEBIAN_SUITE = "bookworm"  # the board is Debian 12 arm64 whatever the host runs
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -130,7 +135,10 @@ class BoardEnv:
 
 def missing_host_tools() -> list[str]:
     """Debian packages still to install for the host side (qemu-user, the cross gcc)."""
-    return sorted({pkg for exe, pkg in HOST_TOOLS.items() if shutil.which(exe) is None})
+    def present(what: str) -> bool:
+        return os.path.exists(what) if what.startswith("/") else shutil.which(what) is not None
+
+    return sorted({pkg for what, pkg in HOST_TOOLS.items() if not present(what)})
 
 
 def install_host_tools(packages: list[str]) -> None:
@@ -679,7 +687,7 @@ def _cmd_status(a) -> int:
     manifest = cache / "sysroot/.board-manifest.json"
     need = missing_host_tools()
     print(f"cache dir:  {cache}")
-    print(f"host tools: {'missing ' + ' '.join(need) if need else 'ok (qemu-aarch64, aarch64-linux-gnu-gcc)'}")
+    print(f"host tools: {'missing ' + ' '.join(need) if need else 'ok (' + ', '.join(HOST_TOOLS.values()) + ')'}")
     if not manifest.exists():
         print("board:      not built (tvm-nested board setup)")
         return 1
