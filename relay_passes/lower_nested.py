@@ -142,20 +142,22 @@ def _lower_module(mod: tvm.IRModule) -> tvm.IRModule:
     from tvm_nested.schedules.format import FORMAT_VERSION, NestedCSR
 
     found: list[tuple[tvm.ir.GlobalVar, list[NestedLayer]]] = []
+    tops = []  # the largest level of every nested level map, lowered or left dense
     for gv, func in mod.functions_items():
         if not isinstance(func, relax.Function):
             continue
         layers, dense = find_nested_layers(func)
-        for msg in dense:
-            warnings.warn(f"{gv.name_hint}: {msg}", NestedLoweringWarning, stacklevel=3)
+        for e in dense:
+            warnings.warn(f"{gv.name_hint}: {e}", NestedLoweringWarning, stacklevel=3)
+            tops.append(e.level_top if e.level_top is not None else -1)
         if layers:
             found.append((gv, layers))
     if not found:
         return mod
 
     everything = [layer for _, layers in found for layer in layers]
-    top = max(int(layer.level_map2d.max()) for layer in everything)
-    num_levels = max(1, top + 1)
+    tops += [int(layer.level_map2d.max()) for layer in everything]
+    num_levels = max(1, max(tops) + 1)
 
     lowerer = _Lowerer(mod, {})
     records = []

@@ -53,7 +53,14 @@ _FLOAT_OK = ("float32",)
 
 
 class Unsupported(Exception):
-    """A nested layer that stays dense (the pass warns with this message)."""
+    """A nested layer that stays dense (the pass warns with this message).
+
+    ``level_top`` is the largest value of its level map (it still counts towards the model's L).
+    """
+
+    def __init__(self, message: str, level_top: int | None = None):
+        super().__init__(message)
+        self.level_top = level_top
 
 
 @dataclass
@@ -144,7 +151,7 @@ def level_param(level_expr, params, var2val):
 
 # ---------------------------------------------------------------------------------- recognition
 def match_layer(value, label: str, params, var2val, val2var):
-    """Recognise one bound value. Returns (op, NestedLayer) / None; raises Unsupported / ValueError."""
+    """Recognise one bound value: a NestedLayer, or None; raises Unsupported / ValueError."""
     if not (_is_call(value, "relax.nn.conv2d") or _is_call(value, "relax.matmul")):
         return None
     for kind, pattern in _LAYER_PATTERNS:
@@ -176,25 +183,27 @@ def match_layer(value, label: str, params, var2val, val2var):
     if LM.shape != W.shape:
         raise ValueError(f"{where}: the level map shape {LM.shape} differs from the weight shape {W.shape}")
 
+    top = int(LM.max()) if LM.size else -1
+
     # The level as compared, as a variable where one is bound to it.
     lvl = m[_level]
     lvl = val2var.get(lvl, lvl) if not isinstance(lvl, relax.Var) else lvl
     x = value.args[0]
     x_shape, out_shape = _static_shape(x), _static_shape(value)
     if x_shape is None or out_shape is None:
-        raise Unsupported(f"{where}: dynamic shapes are not supported; left dense")
+        raise Unsupported(f"{where}: dynamic shapes are not supported; left dense", top)
     for what, e in (("weight", w_expr), ("input", x), ("output", value)):
         if dtype_of(e) not in _FLOAT_OK:
-            raise Unsupported(f"{where}: {what} dtype {dtype_of(e)} is not float32; left dense")
+            raise Unsupported(f"{where}: {what} dtype {dtype_of(e)} is not float32; left dense", top)
 
     layer = NestedLayer(label, op, None, value, x, lvl, None, None, out_shape)
     if kind == "conv2d":
         a = value.attrs
         layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
         if layouts != ("NCHW", "OIHW", "NCHW"):
-            raise Unsupported(f"{where}: layout {'/'.join(layouts)} is not NCHW/OIHW/NCHW; left dense")
+            raise Unsupported(f"{where}: layout {'/'.join(layouts)} is not NCHW/OIHW/NCHW; left dense", top)
         if W.ndim != 4 or len(x_shape) != 4:
-            raise Unsupported(f"{where}: not a 2-D convolution over NCHW input; left dense")
+            raise Unsupported(f"{where}: not a 2-D convolution over NCHW input; left dense", top)
         layer.weight2d = W.reshape(W.shape[0], -1).astype(np.float32)
         layer.level_map2d = LM.reshape(LM.shape[0], -1)
         layer.conv = dict(
@@ -204,7 +213,7 @@ def match_layer(value, label: str, params, var2val, val2var):
         )
     else:
         if W.ndim != 2 or len(x_shape) < 2:
-            raise Unsupported(f"{where}: only a 2-D weight with an input of rank >= 2 is supported; left dense")
+            raise Unsupported(f"{where}: only a 2-D weight with an input of rank >= 2 is supported; left dense", top)
         if kind == "linear":
             pd = _value(value.args[1], var2val)
             axes = pd.attrs.axes
@@ -214,7 +223,7 @@ def match_layer(value, label: str, params, var2val, val2var):
         else:  # matmul(x, W_eff) with W [cols, rows]: pack the transpose
             W2, LM2 = W.T, LM.T
         if x_shape[-1] != W2.shape[1]:
-            raise Unsupported(f"{where}: input shape {x_shape} does not contract with weight {W2.shape}; left dense")
+            raise Unsupported(f"{where}: input shape {x_shape} does not contract with weight {W2.shape}; left dense", top)
         layer.weight2d = np.ascontiguousarray(W2, dtype=np.float32)
         layer.level_map2d = np.ascontiguousarray(LM2)
     return layer
@@ -256,14 +265,14 @@ def _per_channel_bias(add_value, layer_var, layer: NestedLayer, var2val) -> np.n
     return arr.reshape(-1).astype(np.float32)
 
 
-def find_nested_layers(func: relax.Function) -> tuple[list[NestedLayer], list[str]]:
-    """Every nested layer of ``func`` (bias adds fused), and warnings for the ones left dense."""
+def find_nested_layers(func: relax.Function) -> tuple[list[NestedLayer], list[Unsupported]]:
+    """Every nested layer of ``func`` (bias adds fused), and the nested layers left dense."""
     var2val = relax.analysis.get_var2val(func)
     val2var = {v: k for k, v in var2val.items()}
     params = list(func.params)
     layers: dict = {}  # binding var -> NestedLayer
     ordered: list[NestedLayer] = []
-    warnings: list[str] = []
+    dense: list[Unsupported] = []
     position = {"conv2d": 0, "linear": 0}
     for block in func.body.blocks:
         for b in block.bindings:
@@ -274,7 +283,7 @@ def find_nested_layers(func: relax.Function) -> tuple[list[NestedLayer], list[st
             try:
                 layer = match_layer(b.value, label, params, var2val, val2var)
             except Unsupported as e:
-                warnings.append(str(e))
+                dense.append(e)
                 position[op_hint] += 1
                 continue
             if layer is None:
@@ -300,4 +309,4 @@ def find_nested_layers(func: relax.Function) -> tuple[list[NestedLayer], list[st
                     layer.bias, layer.var = bias, b.var
                     layers[b.var] = layer
                     break
-    return ordered, warnings
+    return ordered, dense

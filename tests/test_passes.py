@@ -150,8 +150,7 @@ def test_conv_mask_spelling_lowered(spelling):
     tvm.ir.assert_structural_equal(_functions_only(after), expected)
 
 
-@pytest.mark.parametrize("spelling", ["mul_mask_w", "where_full_like", "cast_level"],
-                         ids=["mul_mask_w", "where_full_like", "cast_level"])
+@pytest.mark.parametrize("spelling", ["where_full_like", "cast_level"], ids=["where_full_like", "cast_level"])
 def test_conv_mask_spelling_numerics(spelling):
     rng = np.random.default_rng(1)
     W, LM = rng.standard_normal(W_CONV).astype(F32), _level_map(rng, W_CONV)
@@ -267,8 +266,7 @@ def test_linear_spelling_lowered(case):
     tvm.ir.assert_structural_equal(_functions_only(after), _linear_expected(x_shape, W, LM, B, transposed))
 
 
-@pytest.mark.parametrize("case", ["linear_bias_left", "matmul_k_by_m", "matmul_rank3_bias"],
-                         ids=["linear_bias_left", "matmul_k_by_m", "matmul_rank3_bias"])
+@pytest.mark.parametrize("case", ["linear_bias_left", "matmul_rank3_bias"], ids=["linear_bias_left", "matmul_rank3_bias"])
 def test_linear_spelling_numerics(case):
     rng = np.random.default_rng(5)
     before, x_shape, W, LM, *_ = _linear_case(case, rng)
@@ -413,6 +411,25 @@ def test_unsupported_layout_left_dense_with_warning():
     with pytest.warns(NestedLoweringWarning, match=r"conv2d_0 \(y\).*NHWC"):
         after = LowerNestedLayers()(mod)
     tvm.ir.assert_structural_equal(after, mod)
+
+
+def test_layer_left_dense_still_counts_towards_num_levels():
+    rng = np.random.default_rng(13)
+    W1, LM1 = rng.standard_normal(W_CONV).astype(F32), _level_map(rng, W_CONV, top=3)
+    W2, LM2 = rng.standard_normal((5, 8)).astype(F32), _level_map(rng, (5, 8), top=1)
+
+    def body(bb, x, level):
+        w1 = _mask_spelling("mul_w_mask", bb, W1, LM1, level)
+        y = bb.emit(relax.op.nn.conv2d(x, w1, padding=(1, 1, 1, 1), data_layout="NHWC", out_layout="NHWC"))
+        f = bb.emit(relax.op.reshape(y, relax.ShapeExpr((18, 8))))
+        wt = bb.emit(relax.op.permute_dims(_mask_spelling("mul_w_mask", bb, W2, LM2, level), [1, 0]))
+        return relax.op.matmul(f, wt)
+
+    before = _main(relax.BlockBuilder(), [_var("x", (1, 6, 6, 3)), _var("level", (), "int64")], body)
+    with pytest.warns(NestedLoweringWarning, match=r"conv2d_0 .*NHWC"):
+        after = LowerNestedLayers()(before)
+    assert read_nested_info(after)["num_levels"] == 4
+    assert after["main"].script().count("R.nn.conv2d") == 1
 
 
 # ------------------------------------------------------------------ pruned layers, L, nested.info
