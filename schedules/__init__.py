@@ -5,7 +5,15 @@ references (``reference``) and schedules per target family (``cpu``) live in sep
 this file only re-exports them.
 """
 
-from .cpu import CPU_KNOBS, CPUKnobs, apply_knobs, default_knobs, is_nested_kernel, schedule_cpu, target_family
+from .cpu import (
+    CPU_KNOBS,
+    CPUKnobs,
+    apply_knobs,
+    default_knobs,
+    is_nested_kernel,
+    schedule_cpu,
+    target_family,
+)
 from .format import FORMAT_VERSION, NestedCSR, csr_nbytes
 from .kernels import ATTR_NUM_LEVELS, ATTR_OP, conv2d_output_shape, nested_conv2d, nested_linear
 from .reference import effective_weight, nested_conv2d_ref, nested_linear_ref

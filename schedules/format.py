@@ -12,7 +12,7 @@ Kernel operands, in kernel parameter order (``NestedCSR.arrays()``):
 ``values``     float32 ``[nnz]``          the stored weights, row by row, each row level-descending
 ``col``        uint8/uint16/int32 ``[nnz]`` column of each stored weight (narrowest dtype for cols)
 ``row_ptr``    int32 ``[rows + 1]``       row ``r`` owns ``values[row_ptr[r]:row_ptr[r + 1]]``
-``level_len``  uint8/uint16/int32 ``[L, rows]``  ``level_len[l, r]``: entries of row r kept at level l
+``level_len``  uint8/uint16/int32 ``[L, rows]``  entries of row r kept at level l
 =============  =========================  ==========================================================
 
 ``nnz`` is the number of stored weights; when it is 0, ``values`` and ``col`` hold one dummy entry
@@ -48,7 +48,8 @@ def _check_level_map(level_map2d, shape: tuple[int, ...], num_levels: int | None
     if tuple(lm.shape) != tuple(shape):
         raise ValueError(f"level map shape {lm.shape} differs from weight shape {tuple(shape)}")
     if lm.size and int(lm.min()) < -1:
-        raise ValueError(f"level map holds {int(lm.min())}; values must be -1 (pruned) or a level >= 0")
+        raise ValueError(f"level map holds {int(lm.min())}; "
+                         "values must be -1 (pruned) or a level >= 0")
     if num_levels is not None and lm.size and int(lm.max()) >= num_levels:
         raise ValueError(f"level map holds level {int(lm.max())} >= num_levels={num_levels}")
     return lm.astype(np.int64)
@@ -79,7 +80,7 @@ class NestedCSR:
     # ------------------------------------------------------------------ construction
     @classmethod
     def pack(cls, weight2d, level_map2d, num_levels: int) -> NestedCSR:
-        """Pack ``weight2d`` (float32 ``[rows, cols]``) under ``level_map2d`` for ``num_levels`` levels.
+        """Pack ``weight2d`` (float32 ``[rows, cols]``) under ``level_map2d`` for ``num_levels``.
 
         ``num_levels`` is the model's L; it may exceed ``1 + max(level_map2d)`` (the levels above
         this layer's own maximum are then all-pruned for it).
@@ -201,7 +202,8 @@ class NestedCSR:
 
     def __repr__(self) -> str:
         dens = ", ".join(f"{self.density(lvl):.3f}" for lvl in range(self.num_levels))
-        return (f"NestedCSR({self.rows}x{self.cols}, L={self.num_levels}, density per level [{dens}], "
+        return (f"NestedCSR({self.rows}x{self.cols}, L={self.num_levels}, "
+                f"density per level [{dens}], "
                 f"col {self.col.dtype}, level_len {self.level_len.dtype}, {self.nbytes} B)")
 
 

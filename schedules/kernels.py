@@ -203,7 +203,8 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
     CG, OG, KHW = C // G, O // G, KH * KW
     if fmt.cols != CG * KHW:
         raise ValueError(f"fmt.cols={fmt.cols} != C/groups*KH*KW = {CG}*{KH}*{KW} = {CG * KHW}")
-    _, _, OH, OW = conv2d_output_shape((N, C, H, W), O, (KH, KW), (SH, SW), (PT, PL, PB, PR), (DH, DW))
+    _, _, OH, OW = conv2d_output_shape((N, C, H, W), O, (KH, KW), (SH, SW), (PT, PL, PB, PR),
+                                       (DH, DW))
     if OH < 1 or OW < 1:
         raise ValueError(f"output size {OH}x{OW} is empty for input {H}x{W}, kernel {KH}x{KW}, "
                          f"strides {(SH, SW)}, padding {(PT, PL, PB, PR)}, dilation {(DH, DW)}")

@@ -40,7 +40,8 @@ def nested_linear_ref(x, fmt_or_pair, level: int, bias=None) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def nested_conv2d_ref(x, fmt_or_pair, level: int, kernel_size: Sequence[int], strides: Sequence[int],
+def nested_conv2d_ref(x, fmt_or_pair, level: int, kernel_size: Sequence[int],
+                      strides: Sequence[int],
                       padding: Sequence[int], dilation: Sequence[int], groups: int,
                       bias=None) -> np.ndarray:
     """Direct conv2d (NCHW, OIHW) of ``x`` with ``W_eff``; ``padding = (top, left, bottom, right)``.
