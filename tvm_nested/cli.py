@@ -98,10 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="llvm")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    for name, (_, _, text) in DELEGATED.items():  # listed in --help; parsed by their own modules
+        sub.add_parser(name, help=text, add_help=False)
     return ap
 
 
+# Subcommands whose parts own their own argument parsing: name -> (module, function, help).
+DELEGATED = {
+    "tune": ("tvm_nested.tune", "tune_main", "auto-tune a model with MetaSchedule into a reusable tuning log"),
+    "board": ("tvm_nested.board", "board_main", "build, serve and inspect an emulated aarch64 board (qemu-user)"),
+    "nest": ("tvm_nested.cli_train", "nest_main", "a dense PyTorch or ONNX model + densities -> a nested model"),
+    "train": ("tvm_nested.cli_train", "train_main", "train a nested model with nested gradient masking (config file)"),
+}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module, func, _ = DELEGATED[argv[0]]
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -233,10 +233,16 @@ def from_torch(module, example_args, example_kwargs=None):
     ``module``: a ``tvm_nested.nn.NestedModel`` or any ``nn.Module`` whose ``forward`` takes a 0-d
     integer argument named ``level``. ``example_args`` (and ``example_kwargs``) include the level.
     The module is put in eval mode; its parameters and buffers become constants.
+    An already exported ``torch.export.ExportedProgram`` (e.g. ``torch.export.load("m.pt2")``) is
+    imported as it is; ``example_args`` is then ignored.
     """
     import torch
     from tvm.relax.frontend.torch import from_exported_program
 
+    if isinstance(module, torch.export.ExportedProgram):
+        mod = from_exported_program(module)
+        _check_level_param(mod, "from_torch")
+        return mod
     if not isinstance(module, torch.nn.Module):
         raise ValueError(f"from_torch: expected a torch.nn.Module, got {type(module).__name__}")
     if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
