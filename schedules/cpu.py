@@ -133,6 +133,9 @@ def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
         sch.annotate(fused, "pragma_unroll_explicit", 1)
     # dense dimension, vectorised inside the data-dependent loop (never around it)
     update = sch.get_sblock("update")
+    # the accumulator: a "global"-scope block allocation of constant size becomes a stack alloca
+    # (registers after LLVM's SROA); "local" scope is served by TVMBackendAllocWorkspace per row
+    sch.set_scope(update, 0, "global")
     j_loop = sch.get_loops(update)[-1 - _dense_depth(sch, update)]
     for block in (update, sch.get_sblock("store")):
         _vectorize_dense(sch, block, knobs)
