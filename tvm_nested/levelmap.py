@@ -83,9 +83,27 @@ def levelmap_by_magnitude(weight: np.ndarray, level_densities: Sequence[float]) 
         raise NestingError(f"densities must be in [0, 1], got {d}")
     if any(b > a for a, b in zip(d, d[1:])):
         raise NestingError(f"densities must be non-increasing (level 0 densest), got {d}")
-    w = np.abs(np.asarray(weight, dtype=np.float64)).ravel()
-    order = np.argsort(-w, kind="stable")
+    # float32 magnitudes: the weights are float32 anyway. One O(n) selection per level instead of a
+    # full sort: a 100M-weight FC layer nests in seconds.
+    w = np.abs(np.asarray(weight, dtype=np.float32)).ravel()
     lm = np.full(w.size, -1, dtype=np.int32)
     for lvl, dens in enumerate(d):
-        lm[order[: int(round(dens * w.size))]] = lvl
+        lm[_top_k(w, int(round(dens * w.size)))] = lvl
     return lm.reshape(np.shape(weight))
+
+
+def _top_k(a: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the k largest entries, ties broken by position (exactly a stable sort's first k).
+
+    Nested in k: the threshold only rises with smaller k and ties are taken lowest position first.
+    """
+    mask = np.zeros(a.size, dtype=bool)
+    if k <= 0:
+        return mask
+    if k >= a.size:
+        mask[:] = True
+        return mask
+    thr = np.partition(a, a.size - k)[a.size - k]
+    mask = a > thr
+    mask[np.flatnonzero(a == thr)[: k - int(mask.sum())]] = True
+    return mask
