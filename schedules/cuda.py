@@ -171,38 +171,26 @@ def _staged_elements(sch: Schedule, block) -> int:
     return n
 
 
-def _stage_linear(sch: Schedule, bx, stage: bool):
-    """Shared staging of ``x`` for the linear kernel; returns the staging block or None."""
-    blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    if "x_t" in blocks:  # batch > 1: the kernel's transpose x -> xt
-        if not stage:
-            sch.compute_inline(blocks["x_t"])
-            return None
-        sch.set_scope(blocks["x_t"], 0, "shared")
-        sch.compute_at(blocks["x_t"], bx)
-        return blocks["x_t"]
-    if not stage:
-        return None
-    cache = sch.cache_read(blocks["row"], "x", "shared")
-    sch.compute_at(cache, bx)
-    return cache
+def _stage(sch: Schedule, bx, stage: bool, staging_block: str):
+    """Shared-memory staging of the dense operand at ``bx``; the staging block, or None.
 
-
-def _stage_conv(sch: Schedule, bx, stage: bool):
-    """Shared staging of the block's input window for the conv kernel; the block or None."""
+    ``staging_block`` is the kernel's own staging copy (``"x_t"``: the linear transpose, ``"pad"``:
+    the zero-padded conv input), which becomes a shared buffer; a kernel without one gets a
+    cache_read of ``x``. Without staging, the kernel's copy is inlined into its reader.
+    """
     blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    if "pad" in blocks:
+    if staging_block in blocks:
         if not stage:
-            sch.compute_inline(blocks["pad"])  # reads x with the bounds test instead
+            sch.compute_inline(blocks[staging_block])
             return None
-        sch.set_scope(blocks["pad"], 0, "shared")
-        sch.compute_at(blocks["pad"], bx)
-        return blocks["pad"]
-    if not stage:
+        block = blocks[staging_block]
+        sch.set_scope(block, 0, "shared")
+    elif stage:
+        block = sch.cache_read(blocks["row"], "x", "shared")
+    else:
         return None
-    cache = sch.cache_read(blocks["row"], "x", "shared")
-    sch.compute_at(cache, bx)
-    return cache
+    sch.compute_at(block, bx)
+    return block
 
 
 def apply_knobs(sch: Schedule, shape: LaunchShape, stage: bool, ty_rv=None, tx_rv=None):
@@ -227,7 +215,7 @@ def apply_knobs(sch: Schedule, shape: LaunchShape, stage: bool, ty_rv=None, tx_r
         outer, lanes = sch.split(j, [None, tx])
         sch.reorder(lanes, outer)
         sch.bind(lanes, "threadIdx.x")  # lowered to a warp-shuffle reduction by TVM
-        staged = _stage_linear(sch, bx, stage)
+        staged = _stage(sch, bx, stage, "x_t")
     else:
         tx = shape.threads_x
         n, o, t = sch.get_loops(row)
@@ -241,7 +229,7 @@ def apply_knobs(sch: Schedule, shape: LaunchShape, stage: bool, ty_rv=None, tx_r
         sch.bind(sch.fuse(*sch.get_loops(store)[-2:]), "threadIdx.x")
         # the accumulator's init leaves the data-dependent loop
         sch.decompose_reduction(update, sch.get_loops(update)[-1])
-        staged = _stage_conv(sch, bx, stage)
+        staged = _stage(sch, bx, stage, "pad")
     if staged is not None:
         _bind_cooperative(sch, staged, ty, tx)
     return staged
@@ -269,3 +257,69 @@ def schedule_cuda(func, target, knobs: CUDAKnobs | None = None):
     if target.kind.name != "cuda" or not is_nested_kernel(func):
         return None
     return schedule_with(func, target, knobs or default_knobs(target))
+
+
+# ------------------------------------------------------------------------ MetaSchedule space
+def _candidates(func, target, knobs: CUDAKnobs) -> tuple[list[int], list[int]]:
+    """(threadIdx.y choices, threadIdx.x choices) the space samples for ``func``."""
+    max_threads, _, warp = target_limits(target)
+    shape = launch_shape(func, target, knobs)
+    if shape.op == "linear":
+        rows = _shape(func, "out")[1]
+        xs = [lanes for lanes in (8, 16, 32) if lanes <= warp]
+        ys = [y for y in (1, 2, 4, 8, 16) if y <= rows and y * max(xs) <= max_threads]
+        return ys or [1], xs
+    o = _shape(func, "out")[1]
+    ys = [d for d in range(1, o + 1)
+          if o % d == 0 and d * shape.threads_x <= min(max_threads, 1024)][-6:]
+    return ys, [shape.threads_x]
+
+
+def _space_fn(target, knobs: CUDAKnobs | None = None):
+    """The body of ``cuda_space``: schedule one nested kernel with sampled block shapes."""
+    target = _as_target(target)
+    knobs = knobs or default_knobs(target)
+
+    def fn(sch: Schedule) -> Schedule:
+        func = sch.mod["main"]
+        if not is_nested_kernel(func):
+            raise ValueError("cuda_space schedules nested kernels only (tvm_nested.schedules.kernels)")
+        ys, xs = _candidates(func, target, knobs)
+        # staging is decided once per workload (not sampled): it is kept only when the widest
+        # sampled block's window fits, so every sample stays within the shared-memory budget
+        # (linear: the window is all of x whatever the shape; conv: it grows with the channels)
+        widest = replace(knobs, threads_per_block=max(ys) * max(xs))
+        stage = knobs.stage_shared and _stages(func, target, widest)
+        ty = sch.sample_categorical(ys, [1.0 / len(ys)] * len(ys))
+        tx = sch.sample_categorical(xs, [1.0 / len(xs)] * len(xs)) if len(xs) > 1 else None
+        shape = LaunchShape(str(func.attrs[ATTR_OP]), max(xs), max(ys))
+        apply_knobs(sch, shape, stage, ty_rv=ty, tx_rv=tx)
+        return sch
+
+    return fn
+
+
+def _stages(func, target, knobs: CUDAKnobs) -> bool:
+    """Whether ``schedule_with(func, target, knobs)`` keeps its shared-memory staging."""
+    scheduled = schedule_with(func, target, knobs)
+    return "shared" in scheduled.script()
+
+
+def cuda_space(target, knobs: CUDAKnobs | None = None):
+    """A MetaSchedule ``ScheduleFn`` design space over the CUDA schedule's block shapes.
+
+    It samples ``threadIdx.y`` (rows / output channels per block) and, for linear, the lanes per
+    row, as ``sample_categorical`` decisions whose values feed the splits directly, so a trace
+    replays under any decision. No generic rules, postprocs or mutators: the nested kernels'
+    data-dependent loops are outside what TVM's default CUDA space accepts (DisallowDynamicLoop);
+    the search draws fresh decisions for its population instead of mutating them.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.space_generator.ScheduleFn(_space_fn(target, knobs), sch_rules=[], postprocs=[],
+                                         mutator_probs={})
+
+
+__all__ = ["CUDAKnobs", "CUDA_KNOBS", "LaunchShape", "target_family", "default_knobs",
+           "target_limits", "launch_shape", "apply_knobs", "schedule_with", "schedule_cuda",
+           "cuda_space"]
