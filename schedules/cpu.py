@@ -24,7 +24,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.target.codegen import llvm_cpu_has_features
 
-from .kernels import ATTR_KERNEL, ATTR_OP, KERNEL_VERSION
+from .kernels import ATTR_KERNEL, ATTR_LANES, ATTR_OP, KERNEL_VERSION, with_lanes
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,17 @@ class CPUKnobs:
     max_vector: int  # widest vectorised dense loop (a few registers of accumulators)
     rows_per_task: int = 1
     unroll: int = 16
+    # linear kernels: interleaved partial sums per row (kernels.with_lanes); 0 = by batch size
+    # (``linear_lanes``). A kernel structure, not a loop transformation: ``schedule_cpu`` applies
+    # it before ``apply_knobs``, which only schedules whatever structure the kernel has.
+    lanes: int = 0
 
     def __post_init__(self):
         for name in ("vector_lanes", "max_vector", "rows_per_task"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CPUKnobs.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lanes < 0:
+            raise ValueError(f"CPUKnobs.lanes must be >= 0, got {self.lanes}")
         if self.unroll < 0:
             raise ValueError(f"CPUKnobs.unroll must be >= 0, got {self.unroll}")
 
@@ -94,9 +100,24 @@ def vector_extent(extent: int, knobs: CPUKnobs) -> int:
     return max(whole or divisors)
 
 
-def _vectorize_dense(sch: Schedule, block, knobs: CPUKnobs) -> None:
-    """Vectorise the innermost (dense) loop of ``block`` in a divisor-sized inner part."""
-    loop = sch.get_loops(block)[-1]
+def linear_lanes(batch: int, knobs: CPUKnobs) -> int:
+    """Partial sums per row of a linear kernel: ``knobs.lanes``, or by batch when it is 0.
+
+    Batch 1 (GEMV): one vector of lanes (the interleaved entries are the vector dimension);
+    small batches (one or two vectors wide): 4 independent vector accumulators; wider: 1.
+    """
+    if knobs.lanes:
+        return knobs.lanes
+    if batch == 1:
+        return knobs.vector_lanes
+    if batch < 2 * knobs.vector_lanes:
+        return 4
+    return 1
+
+
+def _vectorize_dense(sch: Schedule, block, knobs: CPUKnobs, depth: int = 1) -> None:
+    """Vectorise the ``depth``-th innermost (dense) loop of ``block`` in a divisor-sized inner part."""
+    loop = sch.get_loops(block)[-depth]
     extent = int(sch.get(loop).extent)
     if extent == 1:
         return
@@ -110,6 +131,13 @@ def _vectorize_dense(sch: Schedule, block, knobs: CPUKnobs) -> None:
 def _dense_depth(sch: Schedule, update) -> int:
     """Loops of the dense dimension(s) between the data-dependent loop and the update block."""
     return len(sch.get(update).iter_vars) - 1
+
+
+def _tail(sch: Schedule):
+    try:
+        return sch.get_sblock("tail")
+    except Exception:  # noqa: BLE001 - tvm raises a ScheduleError subclass; no tail block
+        return None
 
 
 def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
@@ -132,15 +160,24 @@ def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
         sch.annotate(fused, "pragma_auto_unroll_max_step", knobs.unroll)
         sch.annotate(fused, "pragma_unroll_explicit", 1)
     # dense dimension, vectorised inside the data-dependent loop (never around it)
-    update = sch.get_sblock("update")
-    # the accumulator: a "global"-scope block allocation of constant size becomes a stack alloca
-    # (registers after LLVM's SROA); "local" scope is served by TVMBackendAllocWorkspace per row
-    sch.set_scope(update, 0, "global")
-    j_loop = sch.get_loops(update)[-1 - _dense_depth(sch, update)]
-    for block in (update, sch.get_sblock("store")):
+    reductions = [sch.get_sblock("update")] + ([blocks_tail] if (blocks_tail := _tail(sch)) else [])
+    j_loops = []
+    for red in reductions:
+        # the accumulator: a "global"-scope block allocation of constant size becomes a stack
+        # alloca (registers after LLVM's SROA); "local" scope is a TVMBackendAllocWorkspace per row
+        sch.set_scope(red, 0, "global")
+        j_loops.append(sch.get_loops(red)[-1 - _dense_depth(sch, red)])
+    update = reductions[0]
+    loops = sch.get_loops(update)
+    if _dense_depth(sch, update) == 2 and int(sch.get(loops[-1]).extent) == 1 and blocks_tail:
+        _vectorize_dense(sch, update, knobs, depth=2)  # GEMV with lanes: the lanes are the vector
+    else:
+        _vectorize_dense(sch, update, knobs)
+    for block in reductions[1:] + [sch.get_sblock("store")]:
         _vectorize_dense(sch, block, knobs)
-    # then the accumulator's init leaves the data-dependent loop (its loops keep their kinds)
-    sch.decompose_reduction(update, j_loop)
+    # then the accumulators' inits leave the data-dependent loops (their loops keep their kinds)
+    for red, j_loop in zip(reductions, j_loops):
+        sch.decompose_reduction(red, j_loop)
 
 
 def _fresh_copy(func):
@@ -155,10 +192,14 @@ def schedule_cpu(func, target, knobs: CPUKnobs | None = None):
     if target.kind.name != "llvm" or not is_nested_kernel(func):
         return None
     knobs = knobs or default_knobs(target)
+    if str(func.attrs[ATTR_OP]) == "linear" and int(func.attrs.get(ATTR_LANES, 1)) == 1:
+        lanes = linear_lanes(int(func.params[0].ty.shape[0]), knobs)
+        if lanes > 1:
+            func = with_lanes(func, lanes)  # a new function: the input stays intact
     sch = Schedule(_fresh_copy(func))
     apply_knobs(sch, knobs)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 __all__ = ["CPUKnobs", "CPU_KNOBS", "target_family", "default_knobs", "is_nested_kernel",
-           "apply_knobs", "schedule_cpu"]
+           "apply_knobs", "schedule_cpu", "linear_lanes"]

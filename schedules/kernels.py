@@ -69,11 +69,12 @@ def _check_fmt(fmt) -> NestedCSR:
     return fmt
 
 
-def _attrs(op: str, fmt: NestedCSR, dense_extent: int, **extra) -> dict:
+def _attrs(op: str, fmt: NestedCSR | None, dense_extent: int, num_levels: int | None = None,
+           **extra) -> dict:
     attrs = {
         "tir.noalias": True,
         ATTR_OP: op,
-        ATTR_NUM_LEVELS: fmt.num_levels,
+        ATTR_NUM_LEVELS: fmt.num_levels if fmt is not None else num_levels,
         ATTR_KERNEL: f"{op}/v{KERNEL_VERSION}",
         ATTR_DENSE_EXTENT: dense_extent,
     }
@@ -82,22 +83,60 @@ def _attrs(op: str, fmt: NestedCSR, dense_extent: int, **extra) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- linear
-def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool):
+ATTR_LANES = "nested.lanes"  # linear: interleaved partial sums per row (1: the plain structure)
+ATTR_MAX_LEN = "nested.max_len"  # longest row (level 0): domain of the in-row reduction index
+
+
+def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool, lanes: int = 1):
     """``out[b, m] = sum_{j in prefix(level, m)} values[j] * x[b, col[j]] (+ bias[m])``.
 
     Params: ``x[batch, cols] f32, values, col, row_ptr, level_len, bias[rows] f32 (if has_bias),
     level () int32, out[batch, rows] f32``.
+
+    ``lanes`` > 1 splits every row's prefix into ``lanes`` interleaved partial sums (entries
+    ``j * lanes + u``) plus a tail block ``"tail"`` for the last ``len % lanes`` entries: independent
+    accumulators for batch-1 GEMV, whose single accumulator is a serial dependency chain. The
+    structure is recorded in the attr ``nested.lanes``; ``with_lanes`` re-specialises a kernel.
     """
     fmt = _check_fmt(fmt)
     B = _pos_int("batch", batch)
     if not isinstance(has_bias, bool):
         raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
-    M, K, L = fmt.rows, fmt.cols, fmt.num_levels
-    NNZ = int(fmt.values.shape[0])
-    MAXLEN = max(1, int(fmt.level_len[0].max()))  # domain of the in-row reduction index
-    cdt, ldt = str(fmt.col.dtype), str(fmt.level_len.dtype)
+    U = _pos_int("lanes", lanes)
+    return _linear_func(fmt.rows, fmt.cols, fmt.num_levels, int(fmt.values.shape[0]),
+                        max(1, int(fmt.level_len[0].max())), str(fmt.col.dtype),
+                        str(fmt.level_len.dtype), B, has_bias, U)
+
+
+def with_lanes(func, lanes: int):
+    """The same nested linear kernel (same params, same attrs) with ``lanes`` partial sums.
+
+    Everything the factory needs is in the signature and the attrs, so a schedule rule can pick
+    the structure for its target without the packed weights.
+    """
+    lanes = _pos_int("lanes", lanes)
+    attrs = func.attrs
+    if attrs is None or str(attrs.get(ATTR_OP, "")) != "linear":
+        raise ValueError("with_lanes expects a nested linear kernel")
+    shapes = {p.name: [int(d) for d in p.ty.shape] for p in func.params}
+    dtypes = {p.name: str(getattr(p.ty.dtype, "dtype", p.ty.dtype)) for p in func.params}
+    B, K = shapes["x"]
+    L, M = shapes["level_len"]
+    max_len = int(attrs[ATTR_MAX_LEN]) if ATTR_MAX_LEN in attrs else shapes["val"][0]
+    return _linear_func(M, K, L, shapes["val"][0], max_len, dtypes["col"], dtypes["level_len"],
+                        B, "bias" in shapes, lanes)
+
+
+def _linear_func(M, K, L, NNZ, MAXLEN, cdt, ldt, B, has_bias, U):
     stage = B > 1  # batch > 1: transpose x so the batch (the vector dimension) is contiguous
-    attrs = _attrs("linear", fmt, B)
+    attrs = _attrs("linear", None, B, num_levels=L, **{ATTR_LANES: U, ATTR_MAX_LEN: MAXLEN})
+    UMAX = (MAXLEN + U - 1) // U
+
+    def _lane_sum(acc, vb):
+        total = acc[0, vb]
+        for u in range(1, U):
+            total = total + acc[u, vb]
+        return total
 
     @T.macro
     def body(x, val, col, row_ptr, level_len, bias, level, out):
@@ -111,32 +150,78 @@ def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool):
         for m in range(M):
             with T.sblock("row"):
                 vm = T.axis.spatial(M, m)
-                acc = T.sblock_alloc_buffer((B,), "float32", scope="local")
-                for j in range(T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm])):
+                if U == 1:
+                    acc = T.sblock_alloc_buffer((B,), "float32", scope="local")
+                    for j in range(T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm])):
+                        for b in range(B):
+                            with T.sblock("update"):
+                                vb = T.axis.spatial(B, b)
+                                vj = T.axis.reduce(MAXLEN, j)
+                                with T.init():
+                                    acc[vb] = T.float32(0)
+                                if stage:
+                                    acc[vb] = acc[vb] + val[row_ptr[vm] + vj] * xt[
+                                        T.Cast("int32", col[row_ptr[vm] + vj]), vb]
+                                else:
+                                    acc[vb] = acc[vb] + val[row_ptr[vm] + vj] * x[
+                                        vb, T.Cast("int32", col[row_ptr[vm] + vj])]
                     for b in range(B):
-                        with T.sblock("update"):
+                        with T.sblock("store"):
                             vb = T.axis.spatial(B, b)
-                            vj = T.axis.reduce(MAXLEN, j)
-                            with T.init():
-                                acc[vb] = T.float32(0)
-                            if stage:
-                                acc[vb] = acc[vb] + val[row_ptr[vm] + vj] * xt[
-                                    T.Cast("int32", col[row_ptr[vm] + vj]), vb]
+                            # an empty row never runs the reduction's init
+                            if has_bias:
+                                out[vb, vm] = T.if_then_else(
+                                    level_len[T.max(0, T.min(level[()], L - 1)), vm] > T.Cast(ldt, 0),
+                                    acc[vb], T.float32(0)) + bias[vm]
                             else:
-                                acc[vb] = acc[vb] + val[row_ptr[vm] + vj] * x[
-                                    vb, T.Cast("int32", col[row_ptr[vm] + vj])]
-                for b in range(B):
-                    with T.sblock("store"):
-                        vb = T.axis.spatial(B, b)
-                        # an empty row never runs the reduction's init
-                        if has_bias:
-                            out[vb, vm] = T.if_then_else(
-                                level_len[T.max(0, T.min(level[()], L - 1)), vm] > T.Cast(ldt, 0),
-                                acc[vb], T.float32(0)) + bias[vm]
-                        else:
-                            out[vb, vm] = T.if_then_else(
-                                level_len[T.max(0, T.min(level[()], L - 1)), vm] > T.Cast(ldt, 0),
-                                acc[vb], T.float32(0))
+                                out[vb, vm] = T.if_then_else(
+                                    level_len[T.max(0, T.min(level[()], L - 1)), vm] > T.Cast(ldt, 0),
+                                    acc[vb], T.float32(0))
+                else:
+                    accu = T.sblock_alloc_buffer((U, B), "float32", scope="local")
+                    acct = T.sblock_alloc_buffer((B,), "float32", scope="local")
+                    for j in range(T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U):
+                        for u, b in T.grid(U, B):
+                            with T.sblock("update"):
+                                vu, vb = T.axis.remap("SS", [u, b])
+                                vj = T.axis.reduce(UMAX, j)
+                                with T.init():
+                                    accu[vu, vb] = T.float32(0)
+                                if stage:
+                                    accu[vu, vb] = accu[vu, vb] + val[row_ptr[vm] + vj * U + vu] * xt[
+                                        T.Cast("int32", col[row_ptr[vm] + vj * U + vu]), vb]
+                                else:
+                                    accu[vu, vb] = accu[vu, vb] + val[row_ptr[vm] + vj * U + vu] * x[
+                                        vb, T.Cast("int32", col[row_ptr[vm] + vj * U + vu])]
+                    for t in range(T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) % U):
+                        for b in range(B):
+                            with T.sblock("tail"):
+                                vb = T.axis.spatial(B, b)
+                                vt = T.axis.reduce(U, t)
+                                with T.init():
+                                    acct[vb] = T.float32(0)
+                                if stage:
+                                    acct[vb] = acct[vb] + val[row_ptr[vm] + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U + vt] * xt[
+                                        T.Cast("int32", col[row_ptr[vm] + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U + vt]), vb]
+                                else:
+                                    acct[vb] = acct[vb] + val[row_ptr[vm] + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U + vt] * x[
+                                        vb, T.Cast("int32", col[row_ptr[vm] + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U + vt])]
+                    for b in range(B):
+                        with T.sblock("store"):
+                            vb = T.axis.spatial(B, b)
+                            # reductions that ran no iteration never ran their init
+                            if has_bias:
+                                out[vb, vm] = T.if_then_else(
+                                    T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) >= U,
+                                    _lane_sum(accu, vb), T.float32(0)) + T.if_then_else(
+                                    T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) % U > 0,
+                                    acct[vb], T.float32(0)) + bias[vm]
+                            else:
+                                out[vb, vm] = T.if_then_else(
+                                    T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) >= U,
+                                    _lane_sum(accu, vb), T.float32(0)) + T.if_then_else(
+                                    T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) % U > 0,
+                                    acct[vb], T.float32(0))
 
     if has_bias:
         @T.prim_func(s_tir=True)
@@ -288,5 +373,5 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
     return nested_conv2d
 
 
-__all__ = ["nested_linear", "nested_conv2d", "conv2d_output_shape", "ATTR_OP", "ATTR_NUM_LEVELS",
+__all__ = ["nested_linear", "with_lanes", "ATTR_LANES", "ATTR_MAX_LEN", "nested_conv2d", "conv2d_output_shape", "ATTR_OP", "ATTR_NUM_LEVELS",
            "ATTR_KERNEL", "ATTR_DENSE_EXTENT"]

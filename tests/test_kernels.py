@@ -6,6 +6,7 @@ Each kernel is compiled once per case and variant (module-scope cache).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from tvm_nested.schedules import (
 HOST = tvm.target.Target("llvm")
 AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
 VARIANTS = ["unscheduled", "scheduled"]
+# linear only: the interleaved partial-sum structure (kernels.with_lanes), unscheduled and scheduled
+LINEAR_VARIANTS = VARIANTS + ["lanes3_unscheduled", "lanes3_scheduled", "lanes1_scheduled"]
 
 
 def _level_map(shape, num_levels, kind, rng):
@@ -72,6 +75,8 @@ LINEAR_CASES = {
     "all_pruned_gemv": LinearCase(6, 10, 1, True, num_levels=3, kind="all_pruned"),
     "layer_max_below_L_batch3": LinearCase(9, 16, 3, False, num_levels=5, kind="below_model_L"),
     "one_level_batch2": LinearCase(5, 7, 2, False, num_levels=1),
+    "gemv_64x700_bias": LinearCase(64, 700, 1, True, num_levels=5),  # lanes: full + tail
+    "batch8_40x90": LinearCase(40, 90, 8, True),  # 4 lanes x one vector of batch
 }
 
 
@@ -84,9 +89,13 @@ def _linear(case_id: str, variant: str):
     x = rng.standard_normal((case.batch, case.cols)).astype(np.float32)
     bias = rng.standard_normal(case.rows).astype(np.float32) if case.has_bias else None
     fmt = NestedCSR.pack(w, lm, case.num_levels)
-    func = nested_linear(fmt, case.batch, case.has_bias)
-    if variant == "scheduled":
-        func = schedule_cpu(func, HOST)
+    func = nested_linear(fmt, case.batch, case.has_bias,
+                         lanes=3 if variant.startswith("lanes3") else 1)
+    if variant.endswith("scheduled") and not variant.endswith("unscheduled"):
+        knobs = CPU_KNOBS[target_family(HOST)]
+        if variant == "lanes1_scheduled":  # the plain structure, scheduled
+            knobs = dataclasses.replace(knobs, lanes=1)
+        func = schedule_cpu(func, HOST, knobs)
         assert func is not None
     ex = tvm.compile(func, target=HOST)
 
@@ -98,7 +107,7 @@ def _linear(case_id: str, variant: str):
     return call, (x, w, lm, bias), case
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", LINEAR_VARIANTS)
 @pytest.mark.parametrize("case_id", list(LINEAR_CASES))
 def test_linear_every_level(case_id, variant):
     call, (x, w, lm, bias), case = _linear(case_id, variant)
@@ -289,3 +298,31 @@ def test_schedule_cpu_leaves_its_input_intact():
     scheduled = schedule_cpu(func, HOST)
     assert func.script() == before
     assert "T.vectorized" in scheduled.script() and "T.vectorized" not in before
+
+
+# ------------------------------------------------------------------------ lanes (partial sums)
+@pytest.mark.parametrize("batch,lanes", [(1, 8), (8, 4), (40, 1)], ids=["gemv", "batch8", "batch40"])
+def test_schedule_cpu_picks_lanes_by_batch(batch, lanes):
+    from tvm_nested.schedules.cpu import linear_lanes
+
+    knobs = CPU_KNOBS["x86-avx2"]
+    assert linear_lanes(batch, knobs) == lanes
+    fmt = NestedCSR.pack(np.ones((8, 40), np.float32), np.zeros((8, 40), np.int32), 1)
+    func = schedule_cpu(nested_linear(fmt, batch, False), tvm.target.Target(
+        {"kind": "llvm", "mcpu": "haswell"}))
+    assert int(func.attrs["nested.lanes"]) == lanes
+    assert ('sblock("tail_update")' in func.script()) == (lanes > 1)
+
+
+def test_with_lanes_keeps_signature_and_attrs():
+    from tvm_nested.schedules.kernels import with_lanes
+
+    fmt = NestedCSR.pack(np.ones((6, 30), np.float32), np.zeros((6, 30), np.int32), 2)
+    plain = nested_linear(fmt, 3, True)
+    lanes = with_lanes(plain, 4)
+    assert [(p.name, str(p.ty.shape)) for p in plain.params] == \
+        [(p.name, str(p.ty.shape)) for p in lanes.params]
+    assert int(lanes.attrs["nested.lanes"]) == 4 and int(plain.attrs["nested.lanes"]) == 1
+    tvm.ir.assert_structural_equal(with_lanes(lanes, 1), plain)
+    with pytest.raises(ValueError, match="lanes"):
+        nested_linear(fmt, 3, True, lanes=0)
