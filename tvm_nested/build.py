@@ -20,6 +20,7 @@ from . import pipeline
 from .info import INFO_FUNC, INFO_VERSION
 from .relay_passes.level_guard import INFO_ATTR
 from .runtime import NestedRuntime
+from .schedules.cpu_dense import schedule_dense
 from .target import canonical, is_cross, parse_target
 
 # Cross toolchains by target triple prefix, with the Debian package that provides each.
@@ -29,17 +30,41 @@ _CROSS_CC = {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")}
 def _schedule_rules():
     """Schedule rule per target kind: func, target -> scheduled PrimFunc, or None when it does not apply."""
     from .schedules import schedule_cpu
+    from .schedules.cuda import schedule_cuda
 
-    return {"llvm": schedule_cpu}
+    return {"llvm": schedule_cpu, "cuda": schedule_cuda}
 
 
 class NestedModule:
     """The compiled artifact: one executable, every level, weights stored once."""
 
-    def __init__(self, executable, target: tvm.target.Target, info: dict):
+    def __init__(self, executable, target: tvm.target.Target, info: dict, *, ir_module: tvm.IRModule | None = None):
         self.executable = executable
         self.target = target
         self.info = info
+        self._ir = ir_module  # lowered + scheduled, before the metadata: what with_latency_table recompiles
+
+    @property
+    def num_stages(self) -> int | None:
+        """Stage functions the module runs (``build(..., stages=K)``), or None."""
+        stages = self.info.get("stages")
+        return None if stages is None else int(stages["num_stages"])
+
+    @property
+    def latency_table(self) -> np.ndarray | None:
+        """Per-stage, per-level latency (microseconds) compiled into the module, or None."""
+        table = self.info.get("latency_table_us")
+        return None if table is None else np.asarray(table, dtype=np.float64)
+
+    def with_latency_table(self, table) -> NestedModule:
+        """A new module with ``table`` (from ``tvm_nested.reroute.profile_stages``) compiled in, enabling
+        ``run_deadline``. Recompiles the lowered module: no re-lowering, no re-tuning."""
+        if self._ir is None:
+            raise ValueError("this NestedModule keeps no IR to recompile: build it again with tvm_nested.build(..., "
+                             "stages=K, latency_table=table)")
+        if self.num_stages is None:
+            raise ValueError("this module has no stages: build it with tvm_nested.build(mod, target, stages=K) first")
+        return _compile(self._ir, self.target, dict(self.info), table)
 
     @property
     def num_levels(self) -> int:
@@ -144,7 +169,8 @@ def schedule_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         if scheduled is None:
             unscheduled.append(gv.name_hint)
             continue
-        mod[gv] = scheduled.with_attr("tirx.is_scheduled", True)
+        # the compiled symbol follows the (unique) GlobalVar, whatever the rule copied from its template
+        mod[gv] = scheduled.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", gv.name_hint)
     if unscheduled:
         msg = f"no {target.kind.name} schedule for {len(unscheduled)} nested kernel(s): {', '.join(unscheduled)}"
         if target.kind.name != "llvm":
@@ -153,11 +179,16 @@ def schedule_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     return mod
 
 
-def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None) -> NestedModule:
+def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, stages=None,
+          latency_table=None) -> NestedModule:
     """Compile a Relax module from ``from_onnx`` / ``from_torch`` into one module holding every level.
 
     ``target``: a classic string (``"llvm -mtriple=aarch64-linux-gnu -mattr=+neon"``), dict, tag or
     ``tvm.target.Target``. ``tuning_log``: a directory written by ``tvm_nested.tune`` for this target.
+    ``stages``: also compile the network as stage functions that each take the level (a count, cut
+    balanced by estimated work, or a list of cut points; see ``relay_passes/stages.py``);
+    ``latency_table``: the ``(stages, levels)`` microseconds from ``tvm_nested.reroute.profile_stages``,
+    compiled in for ``run_deadline`` (see ``tvm_nested/reroute.py``).
     """
     if not isinstance(mod, tvm.IRModule) or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         raise ValueError("build expects a Relax IRModule with a 'main' function (from tvm_nested.from_onnx/from_torch)")
@@ -171,7 +202,25 @@ def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None) -
 
         mod = apply_tuning_log(mod, tgt, tuning_log)
     mod = schedule_kernels(mod, tgt)
+    if stages is None and latency_table is not None:
+        stages = int(np.shape(latency_table)[0])
+    if stages is not None:
+        from .reroute import add_stages
+
+        mod, info["stages"] = add_stages(mod, stages)
+    return _compile(mod, tgt, info, latency_table)
+
+
+def _compile(mod: tvm.IRModule, tgt: tvm.target.Target, info: dict, latency_table=None) -> NestedModule:
+    lowered = mod
+    info.pop("latency_table_us", None)
+    if latency_table is not None:
+        from .reroute import add_deadline_function, check_table
+
+        table = check_table(latency_table, int(info["stages"]["num_stages"]), int(info["num_levels"]))
+        mod = add_deadline_function(mod, table, int(info["num_levels"]))
+        info["latency_table_us"] = table.tolist()
     mod = _with_info_function(mod, info)
     with tgt, tvm.transform.PassContext(opt_level=3):
         executable = tvm.compile(mod, target=tgt)
-    return NestedModule(executable, tgt, info)
+    return NestedModule(executable, tgt, info, ir_module=lowered)

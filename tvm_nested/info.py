@@ -8,6 +8,12 @@ from __future__ import annotations
 
 INFO_FUNC = "nested_info"
 INFO_VERSION = 1
+# Optional keys (absent or null in modules built without them; readers must not require them):
+#   "stages": the stage plan of build(..., stages=K) -- num_stages, functions, inputs/outputs per
+#             stage (activation names), cuts, macs (see relay_passes/stages.py)
+#   "latency_table_us": [stages][levels] microseconds profiled on the target (tvm_nested/reroute.py)
+STAGES_KEY = "stages"
+LATENCY_TABLE_KEY = "latency_table_us"
 
 
 def check_info(info: dict) -> dict:

@@ -56,6 +56,17 @@ class NestedRuntime:
         return list(self.info["densities"])
 
     @property
+    def stage_plan(self) -> dict | None:
+        """The stage functions of a module built with ``stages=`` (names, carried activations), or None."""
+        return self.info.get("stages")
+
+    @property
+    def latency_table(self) -> np.ndarray | None:
+        """Per-stage, per-level latency (microseconds) compiled into the module, or None."""
+        table = self.info.get("latency_table_us")
+        return None if table is None else np.asarray(table, dtype=np.float64)
+
+    @property
     def input_names(self) -> list[str]:
         return [p["name"] for p in self.info["inputs"] if p["name"] != "level"]
 
@@ -103,6 +114,24 @@ class NestedRuntime:
         args = self._arguments(inputs, self.check_level(level))
         timer = self._vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
         return float(timer(*args).mean * 1e3)
+
+
+    def run_stages(self, *inputs, levels) -> list[np.ndarray]:
+        """Outputs of the staged network with stage s at ``levels[s]`` (stages called from the host)."""
+        from .reroute import run_stages
+
+        return run_stages(self, inputs, levels)
+
+    def run_deadline(self, *inputs, deadline_ms: float, level=0) -> tuple[list[np.ndarray], np.ndarray]:
+        """Run under a deadline, rerouting on the device: ``(outputs, levels per stage)``.
+
+        Stage 0 runs at ``level``; after each stage the module itself switches to a sparser level when
+        elapsed + predicted remaining time (its latency table) exceeds ``deadline_ms``
+        (``tvm_nested/reroute.py`` states the rule). ValueError when the module has no latency table.
+        """
+        from .reroute import run_deadline
+
+        return run_deadline(self, inputs, deadline_ms, level)
 
 
 def _flatten(out) -> list[np.ndarray]:

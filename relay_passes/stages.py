@@ -1,0 +1,356 @@
+"""SplitStages: ``main``'s bindings split into K stage functions that each take the level.
+
+Run after ``LowerNestedLayers`` and ``LevelGuard`` (it reads ``nested.info`` to weigh nested layers).
+``main`` is left as it is. The pass adds the Relax functions ``nested_stage_0 .. nested_stage_{K-1}``:
+
+    nested_stage_i(*live_in, level) -> (live_out...)          # i < K-1: always a tuple
+    nested_stage_{K-1}(*live_in, level) -> main's return value
+
+``live_in`` are the activations the stage reads that earlier stages (or main's inputs) produced;
+``live_out`` those that later stages (or main's result) read. Running the stages in order with the
+same level computes main; each stage may run at its own level (the basis of rerouting). Stages
+reuse main's ``call_tir`` kernels and constant objects, so the compiled module stores each packed
+weight once (the VM's constant pool de-duplicates shared constants).
+
+Bindings that depend only on the level and constants (the level guard, an int32 cast of the level,
+the zeros of a layer pruned at every level) are not carried between stages: each stage recomputes
+the ones it needs; the guard (an impure assert) is dropped (callers of stages check the level).
+
+Cut points are either balanced (``num_stages``: equal shares of the estimated multiply-accumulates,
+nested layers weighed by their level-0 non-zeros, dense conv2d / matmul by their dense size; each
+cut then slides over the cheap bindings that follow to where the fewest activation bytes are live),
+or given (``cuts``: a list of ints = "after the i-th nested layer" in ``nested.info`` order, sliding
+the same way, or of strings = "exactly after the binding of this Relax variable").
+
+The plan is recorded as the module attr ``nested.stages`` (JSON): ``num_stages``, ``functions``,
+``inputs`` / ``outputs`` (per stage, variable names), ``cuts`` (variable after which each cut falls),
+``macs`` (estimated per stage). Read it with ``read_stage_plan(mod)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+
+STAGES_ATTR = "nested.stages"
+STAGE_PREFIX = "nested_stage_"
+
+
+def read_stage_plan(mod: tvm.IRModule) -> dict | None:
+    """The ``nested.stages`` record of a staged module, or None."""
+    if mod.attrs is None or STAGES_ATTR not in mod.attrs:
+        return None
+    return json.loads(str(mod.attrs[STAGES_ATTR]))
+
+
+# ------------------------------------------------------------------------------------- analysis
+def _used_vars(expr) -> list[relax.Var]:
+    seen, out = set(), []
+
+    def visit(e):
+        if isinstance(e, relax.Var) and e not in seen:
+            seen.add(e)
+            out.append(e)
+
+    relax.analysis.post_order_visit(expr, visit)
+    return out
+
+
+def _numel(ty) -> int:
+    if isinstance(ty, relax.TensorType) and ty.shape is not None:
+        try:
+            return int(math.prod(int(s) for s in ty.shape))
+        except TypeError:  # symbolic shape
+            return 0
+    if isinstance(ty, relax.TupleType):
+        return sum(_numel(f) for f in ty.fields)
+    return 0
+
+
+def _nbytes(ty) -> int:
+    if isinstance(ty, relax.TensorType):
+        dt = getattr(ty.dtype, "dtype", str(ty.dtype))
+        try:
+            return _numel(ty) * max(1, np.dtype(str(dt)).itemsize)
+        except TypeError:
+            return _numel(ty) * 4
+    if isinstance(ty, relax.TupleType):
+        return sum(_nbytes(f) for f in ty.fields)
+    return 0
+
+
+def _dense_macs(value, out_ty) -> int:
+    """Multiply-accumulates of a dense conv2d / matmul left in the graph (0 for other ops)."""
+    if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+        return 0
+    name = value.op.name
+    try:
+        if name == "relax.nn.conv2d":
+            w = [int(s) for s in value.args[1].ty.shape]
+            return _numel(out_ty) * w[1] * w[2] * w[3]
+        if name == "relax.matmul":
+            return _numel(out_ty) * int(value.args[0].ty.shape[-1])
+    except (TypeError, AttributeError, IndexError):
+        return 0
+    return 0
+
+
+def _nested_macs(mod, value, out_ty) -> int | None:
+    """Multiply-accumulates of a nested kernel call at level 0 (None when it is not one).
+
+    Operands follow INTERNALS.md: ``x, values, col, row_ptr, level_len[L, rows], ...``.
+    """
+    if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op) or value.op.name != "relax.call_tir":
+        return None
+    callee = value.args[0]
+    func = mod[callee] if isinstance(callee, tvm.ir.GlobalVar) else None
+    if func is None or func.attrs is None or "nested.op" not in func.attrs:
+        return None
+    operands = list(value.args[1].fields)
+    level_len = operands[4] if len(operands) > 4 else None
+    if isinstance(level_len, tvm.ir.Constant):
+        counts = level_len.value.numpy()
+        rows = max(1, counts.shape[-1])
+        return int(_numel(out_ty) // rows * int(counts[0].astype(np.int64).sum()))
+    return _numel(out_ty)
+
+
+class _Binding:
+    __slots__ = ("index", "var", "value", "uses", "recompute", "macs", "nested")
+
+    def __init__(self, index, var, value):
+        self.index, self.var, self.value = index, var, value
+        self.uses = _used_vars(value)
+        self.recompute = False
+        self.macs = 0
+        self.nested = None  # position among the nested layers, when it is one
+
+
+def _analyse(mod: tvm.IRModule, func: relax.Function):
+    level = next((p for p in func.params if p.name == "level"), None)
+    if level is None:
+        raise ValueError("SplitStages: main has no 'level' parameter (run it on a module from tvm_nested.from_onnx/from_torch)")
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        raise ValueError("SplitStages: main's body is not a sequence of bindings")
+    bindings = []
+    for block in body.blocks:
+        for b in block.bindings:
+            if not isinstance(b, relax.VarBinding):
+                raise ValueError(f"SplitStages: {type(b).__name__} bindings are not supported ({b.var.name})")
+            bindings.append(_Binding(len(bindings), b.var, b.value))
+
+    # level-or-constant-only bindings are recomputed where needed, never carried
+    cheap = {level}
+    for b in bindings:
+        if all(v in cheap for v in b.uses):
+            b.recompute = True
+            cheap.add(b.var)
+
+    # liveness from main's result backwards: drops the guard (assert) and anything unused
+    needed = set(_used_vars(body.body))
+    for b in reversed(bindings):
+        if b.var in needed:
+            needed.update(b.uses)
+    work = [b for b in bindings if b.var in needed and not b.recompute]
+    if not work:
+        raise ValueError("SplitStages: main computes nothing from its inputs")
+
+    position = 0
+    for b in work:
+        b.macs = _nested_macs(mod, b.value, b.var.ty)
+        if b.macs is not None:
+            b.nested, position = position, position + 1
+        else:
+            b.macs = _dense_macs(b.value, b.var.ty)
+    return level, bindings, work, needed
+
+
+def _live_bytes(work, params, result_uses):
+    """live[j] = bytes of carried values defined at or before work[j] and read after it."""
+    pos = {b.var: j for j, b in enumerate(work)}
+    last = {}
+    for j, b in enumerate(work):
+        for v in b.uses:
+            last[v] = j
+    for v in result_uses:
+        last[v] = len(work)
+    live = []
+    for j in range(len(work)):
+        total = 0
+        for v, lu in last.items():
+            d = pos.get(v, -1 if v in params else None)
+            if d is not None and d <= j < lu:
+                total += _nbytes(v.ty)
+        live.append(total)
+    return live
+
+
+def _choose_cuts(work, live, num_stages, cuts) -> list[int]:
+    """Indices j into ``work``: a cut falls after work[j]. Strictly increasing, every stage non-empty."""
+    n = len(work)
+
+    def slide(j):  # move over the following cost-free bindings to the narrowest point
+        best, k = j, j + 1
+        while k < n - 1 and work[k].macs == 0:
+            if live[k] < live[best]:
+                best = k
+            k += 1
+        return best
+
+    if cuts is not None:
+        out = []
+        names = {b.var.name: j for j, b in enumerate(work)}
+        nested = {b.nested: j for j, b in enumerate(work) if b.nested is not None}
+        for c in cuts:
+            if isinstance(c, str):
+                if c not in names:
+                    raise ValueError(f"SplitStages: no binding named {c!r} in main (known: {', '.join(list(names)[:12])}, ...)")
+                out.append(names[c])
+            elif isinstance(c, (int, np.integer)) and not isinstance(c, bool):
+                if int(c) not in nested:
+                    raise ValueError(f"SplitStages: cut after nested layer {c}: main has nested layers 0..{len(nested) - 1}")
+                out.append(slide(nested[int(c)]))
+            else:
+                raise ValueError(f"SplitStages: a cut is a nested-layer index (int) or a variable name (str), got {c!r}")
+        if any(b <= a for a, b in zip(out, out[1:])) or (out and out[-1] >= n - 1):
+            raise ValueError(f"SplitStages: cuts {list(cuts)} must be in increasing order and leave every stage non-empty")
+        return out
+
+    if not isinstance(num_stages, (int, np.integer)) or isinstance(num_stages, bool) or num_stages < 1:
+        raise ValueError(f"SplitStages: num_stages must be a positive integer, got {num_stages!r}")
+    # cut only after a costly binding (never after the last one): no stage is cheap glue alone
+    macs = np.array([max(b.macs, 0) for b in work], dtype=np.float64)
+    candidates = [j for j in range(n - 1) if macs[j] > 0 and macs[j + 1:].sum() > 0]
+    if not candidates:  # nothing is weighed: cut by binding count
+        candidates, macs = list(range(n - 1)), np.ones(n)
+    cum = np.cumsum(macs)
+    num_stages = min(int(num_stages), len(candidates) + 1)
+    out, start = [], 0
+    for k in range(1, num_stages):
+        target = cum[-1] * k / num_stages
+        room = len(candidates) - (num_stages - 1 - k)  # keep candidates for the remaining cuts
+        window = candidates[start:room]
+        best = min(range(len(window)), key=lambda i: abs(cum[window[i]] - target))
+        out.append(window[best])
+        start += best + 1
+    out = [slide(j) for j in out]
+    return out
+
+
+# ------------------------------------------------------------------------------------- rewriting
+@mutator
+class _Substitute(PyExprMutator):
+    """Copies an expression with variables replaced through ``vmap``."""
+
+    def __init__(self, mod, vmap):
+        super().__init__(mod)
+        self.vmap = vmap
+
+    def visit_var_(self, op):
+        return self.vmap.get(op, op)
+
+    def visit_dataflow_var_(self, op):
+        return self.vmap.get(op, op)
+
+
+def _emit_stage(bb, name, level, inputs, bindings, result, mod):
+    params = [relax.Var(v.name, v.ty) for v in inputs]
+    lvl = relax.Var("level", level.ty)
+    vmap = dict(zip(inputs, params))
+    vmap[level] = lvl
+    sub = _Substitute(mod, vmap)
+    with bb.function(name, [*params, lvl], private=False):
+        with bb.dataflow():
+            for b in bindings:
+                vmap[b.var] = bb.emit(sub.visit_expr(b.value), name_hint=b.var.name)
+            out = bb.emit_output(sub.visit_expr(result))
+        gv = bb.emit_func_output(out)
+    return gv
+
+
+def _split(mod: tvm.IRModule, num_stages, cuts) -> tvm.IRModule:
+    func = mod["main"]
+    level, bindings, work, needed = _analyse(mod, func)
+    params = set(func.params)
+    result_uses = set(_used_vars(func.body.body))
+    live = _live_bytes(work, params, result_uses)
+    cut_idx = _choose_cuts(work, live, num_stages, cuts)
+    bounds = [-1, *cut_idx, len(work) - 1]
+    stage_of = {}
+    for s in range(len(bounds) - 1):
+        for j in range(bounds[s] + 1, bounds[s + 1] + 1):
+            stage_of[work[j].var] = s
+    by_var = {b.var: b for b in bindings}
+    k = len(bounds) - 1
+
+    # what each stage reads from outside and what later stages / the result read from it
+    reads = []
+    for s in range(k):
+        own = [work[j] for j in range(bounds[s] + 1, bounds[s + 1] + 1)]
+        ext = []
+        for b in own:
+            for v in b.uses:
+                if (v in params and not v.same_as(level)) or stage_of.get(v, s) < s:
+                    ext.append(v)
+        if s == k - 1:
+            ext += [v for v in _used_vars(func.body.body) if (v in params and not v.same_as(level)) or stage_of.get(v, s) < s]
+        reads.append(list(dict.fromkeys(ext)))
+    writes = [[] for _ in range(k)]
+    for s in range(k):
+        for v in reads[s]:
+            if v in stage_of:
+                writes[stage_of[v]].append(v)
+    writes = [list(dict.fromkeys(sorted(w, key=lambda v: by_var[v].index))) for w in writes]
+
+    bb = relax.BlockBuilder(mod)
+    names = []
+    for s in range(k):
+        own = [work[j] for j in range(bounds[s] + 1, bounds[s + 1] + 1)]
+        # recomputed level/constant bindings this stage needs, transitively, in original order
+        need = set()
+        stack = [v for b in own for v in b.uses]
+        if s == k - 1:
+            stack += _used_vars(func.body.body)
+        while stack:
+            v = stack.pop()
+            b = by_var.get(v)
+            if b is not None and b.recompute and v not in need:
+                need.add(v)
+                stack.extend(b.uses)
+        emitted = sorted([by_var[v] for v in need] + own, key=lambda b: b.index)
+        result = func.body.body if s == k - 1 else relax.Tuple(writes[s])
+        name = f"{STAGE_PREFIX}{s}"
+        _emit_stage(bb, name, level, reads[s], emitted, result, mod)
+        names.append(name)
+    out = bb.get()
+    plan = {
+        "num_stages": k,
+        "functions": names,
+        "inputs": [[v.name for v in r] for r in reads],
+        "outputs": [[v.name for v in w] for w in writes[:-1]] + [None],
+        "cuts": [work[j].var.name for j in cut_idx],
+        "macs": [int(sum(work[j].macs for j in range(bounds[s] + 1, bounds[s + 1] + 1))) for s in range(k)],
+        "main_inputs": [p.name for p in func.params],
+    }
+    return out.with_attr(STAGES_ATTR, json.dumps(plan))
+
+
+def SplitStages(num_stages: int | None = 4, cuts=None) -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+    """Add stage functions ``nested_stage_i(*activations, level)`` computing main in K stages.
+
+    Run after ``LowerNestedLayers`` and ``LevelGuard``. ``num_stages``: balanced cuts (fewer when
+    main has fewer bindings); ``cuts``: explicit cut points (see the module docstring).
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="tvm_nested.SplitStages")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _split(mod, num_stages, cuts)
+
+    return _pass
