@@ -1,0 +1,169 @@
+"""Tuning and tuning logs (DESIGN section 6): real MetaSchedule tuning, tiny, on llvm.
+
+The expensive tuning runs once per session (``tuned``); the other tests reuse its log.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import tvm_ffi
+from torch import nn
+
+import tvm_nested
+from tvm_nested import pipeline, tunelog
+from tvm_nested import nn as tnn
+from tvm_nested.tune import RPCSettings, _legalize, apply_tuning_log, tune
+
+DENSITIES = (0.5, 0.2, 0.1)
+TRIALS = 8
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+def _close(got, ref, tol=1e-4):
+    scale = max(float(np.max(np.abs(ref))), 1.0)
+    assert float(np.max(np.abs(got - ref))) <= tol * scale
+
+
+@pytest.fixture(scope="session")
+def tuned(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tnn.nest(Tiny().eval(), {"conv": DENSITIES, "fc": DENSITIES}).eval()
+    x = torch.randn(1, 3, 6, 6)
+    level = {"level": torch.tensor(0)}
+    mod = tvm_nested.from_torch(model, (x,), level)
+    root = tmp_path_factory.mktemp("tune")
+    pt2 = root / "tiny.pt2"
+    torch.export.save(torch.export.export(model, (x,), level), str(pt2))
+    log = root / "log"
+    report = tune(mod, "llvm", log, max_trials=TRIALS, num_trials_per_iter=TRIALS, progress=False)
+    return {"model": model, "x": x, "mod": mod, "log": log, "report": report, "pt2": pt2, "root": root}
+
+
+def _records(log):
+    return [line for line in (log / tunelog.RECORD_FILE).read_text().splitlines() if line.strip()]
+
+
+def _nested_records(log):
+    db = tunelog.database(log)
+    return [r for r in db.get_all_tuning_records()
+            if r.workload.mod["main"].attrs is not None and "nested.op" in r.workload.mod["main"].attrs]
+
+
+def test_tuning_writes_records_for_nested_kernels(tuned):
+    report = tuned["report"]
+    assert sorted(k.op for k in report.nested) == ["conv2d", "linear"]
+    for k in report.nested:
+        assert k.trials > 0 and k.records >= k.trials
+        assert k.levels == [0, 1, 2]
+        assert len(k.level_seconds) == 3 and all(0 < s < 1 for s in k.level_seconds)
+        assert k.latency(2) == k.level_seconds[2]
+    assert report.dense and all(k.records > 0 for k in report.dense)
+    nested = _nested_records(tuned["log"])
+    assert {str(r.workload.mod["main"].attrs["nested.op"]) for r in nested} == {"conv2d", "linear"}
+    assert all(len(r.run_secs) == 3 for r in nested)  # one timing per level
+
+
+def test_build_from_log_measures_nothing_and_uses_the_records(tuned, monkeypatch):
+    from tvm.s_tir import meta_schedule as ms
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("build measured or tuned with a tuning log")
+
+    for owner, name in [(ms, "tune_tir"), (ms, "tune_tasks"), (ms.tir_integration, "tune_tir"),
+                        (ms.runner.LocalRunner, "run"), (ms.builder.LocalBuilder, "build"),
+                        (ms.task_scheduler.TaskScheduler, "tune")]:
+        monkeypatch.setattr(owner, name, forbidden)
+
+    mod, log, model, x = tuned["mod"], tuned["log"], tuned["model"], tuned["x"]
+    lib = tvm_nested.build(mod, "llvm", tuning_log=log)
+    rt = lib.runtime()
+    for level in range(lib.num_levels):
+        ref = model(x, level=torch.tensor(level)).detach().numpy()
+        _close(rt.run(x.numpy(), level=level)[0], ref)
+
+    # the nested kernels build compiles are the log's best schedules, and tvm.compile's own
+    # legalization (run again inside build) leaves them as they are
+    target = lib.target
+    lowered = pipeline.lower(mod)
+    applied = apply_tuning_log(lowered, target, log)
+    db = tunelog.database(log)
+    plain = _legalize(lowered, target)
+    again = _legalize(applied, target)
+    found = 0
+    for task in ms.relax_integration.extract_tasks(plain, target):
+        func = task.dispatched[0]["main"]
+        if func.attrs is None or "nested.op" not in func.attrs:
+            continue
+        found += 1
+        sch = db.query_schedule(task.dispatched[0], target, workload_name="main")
+        assert sch is not None, task.task_name
+        scheduled = applied[task.task_name]
+        assert bool(scheduled.attrs["tirx.is_scheduled"])
+        assert tvm_ffi.structural_equal(scheduled.body, sch.mod["main"].body)
+        assert tvm_ffi.structural_equal(again[task.task_name].body, scheduled.body)
+    assert found == 2
+
+
+def test_log_for_another_target_is_refused(tuned):
+    host = tvm_nested.parse_target("llvm")
+    with pytest.raises(tunelog.TuningLogError, match="aarch64") as err:
+        tvm_nested.build(tuned["mod"], "llvm -mtriple=aarch64-linux-gnu -mattr=+neon", tuning_log=tuned["log"])
+    assert str(host.attrs["mtriple"]) in str(err.value)  # both targets are named
+
+
+def test_raw_metaschedule_runner_is_refused(tuned, tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+
+    with pytest.raises(TypeError, match="RPCSettings"):
+        tune(tuned["mod"], "llvm", tmp_path / "log", max_trials=1, runner=ms.runner.LocalRunner())
+
+
+@pytest.mark.parametrize("kwargs", [{"host": "127.0.0.1"}, {"tracker_host": "127.0.0.1", "tracker_port": 9190},
+                                    {"tracker_host": "127.0.0.1", "tracker_port": 9190, "key": "k",
+                                     "host": "127.0.0.1", "port": 9090}], ids=["no-port", "no-key", "mixed"])
+def test_rpc_settings_are_checked(kwargs):
+    with pytest.raises(ValueError, match="RPCSettings"):
+        RPCSettings(**kwargs)
+
+
+def test_interrupted_run_keeps_records_and_tuning_again_appends(tuned, tmp_path):
+    """Tune again (CLI, in a subprocess) into a copy of the log; kill it once it has added records."""
+    log = tmp_path / "log"
+    shutil.copytree(tuned["log"], log)
+    before = _records(log)
+    code = ("import sys; from tvm_nested.tune import tune_main; "
+            "sys.exit(tune_main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tuned["pt2"]), "--target", "llvm", "--log", str(log),
+                             "--trials", "64", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(_records(log)) <= len(before):
+            time.sleep(1)
+        grew = len(_records(log)) > len(before)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the tuner and its worker processes, mid-run
+        proc.wait()
+    assert grew, proc.stderr.read().decode()[-3000:]
+    after = _records(tunelog.check(log, "llvm"))
+    db = tunelog.database(log)  # loads, even if the kill tore the last line
+    assert after[:len(before)] == before  # nothing lost or rewritten
+    assert len(db.get_all_tuning_records()) > len(before)
+    assert len(_nested_records(log)) >= len(_nested_records(tuned["log"]))

@@ -1,0 +1,461 @@
+"""tune: MetaSchedule (XGBoost cost model) over the nested kernels and the dense operators.
+
+    report = tvm_nested.tune(mod, "llvm", "logs/model", max_trials=64)
+    lib = tvm_nested.build(mod, "llvm", tuning_log="logs/model")   # no measurement
+
+What is tuned, after lowering through ``pipeline.lower`` and TVM's CPU legalization (the same
+passes ``tvm.compile`` runs, so the workloads are the functions ``build`` compiles):
+
+* every nested kernel (a PrimFunc with a ``nested.op`` attr) over ``schedules.space.cpu_space``:
+  the grid of ``schedule_cpu``'s knobs, measured with its REAL packed arrays (the constants at its
+  ``call_tir`` site), a random input and the level. One compiled kernel serves every level, so its
+  schedule is chosen on all levels together: the runner's ``alloc_repeat`` argument sets cycle
+  through the levels, one timing each, and MetaSchedule ranks a candidate by their mean (the
+  average latency over levels). The per-level timings stay in the record and in the report.
+* every dense operator task (``extract_tasks``) with MetaSchedule's default space. Tasks without
+  loops (the 0-d level guard) are skipped: there is nothing to tune.
+
+Everything goes into one tuning log (``tunelog``: MetaSchedule's JSON database + manifest), one
+line per measured candidate, so an interrupted run keeps what it measured and tuning again adds.
+
+``apply_tuning_log`` is what ``build`` calls: the same lowering, then
+``MetaScheduleApplyDatabase`` (query only, never measure). The functions it schedules carry
+``tirx.is_scheduled``, so ``schedule_kernels`` leaves them alone and only untuned kernels get the
+default knobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from . import pipeline, tunelog
+from .target import is_cross, parse_target
+
+# MetaSchedule's evaluator: one timing (>= _MIN_REPEAT_MS) per level per candidate.
+_MIN_REPEAT_MS = 40
+_BUILD_TIMEOUT_S = 60
+_RUN_TIMEOUT_S = 60
+# Cross toolchain per target architecture (the RPC path exports a .so the board can load).
+_CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
+# TVM's tensor intrinsics per architecture: MetaSchedule's default CPU rules look them up.
+_INTRIN_MODULES = {"x86_64": ("x86",), "aarch64": ("arm_cpu",), "arm": ("arm_cpu",)}
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class RPCSettings:
+    """Where a remote board measures candidates: a tracker (host, port, key) or a board's RPC server.
+
+    ``RPCSettings(tracker_host="10.0.0.2", tracker_port=9190, key="rk3588")`` or
+    ``RPCSettings(host="10.0.0.7", port=9090)``. ``session_timeout``: seconds per measurement session.
+    """
+
+    tracker_host: str | None = None
+    tracker_port: int | None = None
+    key: str | None = None
+    host: str | None = None
+    port: int | None = None
+    session_timeout: int = 60
+
+    def __post_init__(self):
+        tracker = (self.tracker_host, self.tracker_port, self.key)
+        direct = (self.host, self.port)
+        if all(v is not None for v in tracker) and all(v is None for v in direct):
+            return
+        if all(v is not None for v in direct) and all(v is None for v in tracker):
+            return
+        raise ValueError("RPCSettings needs either tracker_host, tracker_port and key (an RPC tracker), or host and "
+                         f"port (one board's RPC server), not a mix: got {self}")
+
+    @property
+    def uses_tracker(self) -> bool:
+        return self.tracker_host is not None
+
+
+@dataclass
+class KernelTuning:
+    """One tuned function: a nested kernel or a dense operator task."""
+
+    name: str
+    kind: str                      # "nested" or "dense"
+    op: str                        # nested.op ("conv2d", "linear") or the dense task's name
+    trials: int                    # records this run added
+    records: int                   # records of this workload in the log now
+    best_seconds: float | None     # the best record's mean over its timings (levels, for nested)
+    levels: list[int] = field(default_factory=list)
+    level_seconds: list[float] | None = None   # per level in ``levels``, from the best record
+
+    def latency(self, level: int) -> float:
+        if self.level_seconds is None or level not in self.levels:
+            raise KeyError(f"{self.name}: no measured latency for level {level}")
+        return self.level_seconds[self.levels.index(level)]
+
+
+@dataclass
+class TuningReport:
+    log_dir: str
+    target: str
+    kernels: list[KernelTuning]
+    seconds: float
+
+    @property
+    def nested(self) -> list[KernelTuning]:
+        return [k for k in self.kernels if k.kind == "nested"]
+
+    @property
+    def dense(self) -> list[KernelTuning]:
+        return [k for k in self.kernels if k.kind == "dense"]
+
+    def __str__(self) -> str:
+        lines = [f"tuning log {self.log_dir} ({self.seconds:.0f} s)", "| function | kind | new records | best ms | per level ms |",
+                 "|---|---|---:|---:|---|"]
+        for k in self.kernels:
+            best = "-" if k.best_seconds is None else f"{k.best_seconds * 1e3:.4f}"
+            per = "" if k.level_seconds is None else ", ".join(
+                f"L{lvl}: {s * 1e3:.4f}" for lvl, s in zip(k.levels, k.level_seconds))
+            lines.append(f"| {k.name} | {k.kind} {k.op} | {k.trials} | {best} | {per} |")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- the workloads
+def _legalize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """TVM's CPU legalization (LegalizeOps .. FuseTIR): the functions ``tvm.compile`` will build."""
+    from tvm.relax.backend.cpu_generic import legalize_passes
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(legalize_passes(target))(mod)
+
+
+def _check_cpu(target: tvm.target.Target) -> None:
+    if target.kind.name != "llvm":
+        raise ValueError(f"tuning supports llvm (CPU) targets; {target.kind.name} has no nested-kernel design space yet")
+
+
+def _is_nested(func) -> bool:
+    return isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "nested.op" in func.attrs
+
+
+def _has_loops(func) -> bool:
+    """False for functions over 0-d tensors only (the level guard): nothing to tune."""
+    return any(len(getattr(p.ty, "shape", ())) > 0 for p in func.params)
+
+
+def _call_sites(mod: tvm.IRModule) -> dict[str, list]:
+    """First ``call_tir`` argument list of every callee in the Relax functions."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    sites: dict[str, list] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op.same_as(call_tir):
+            callee = expr.args[0]
+            if isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint not in sites:
+                sites[callee.name_hint] = list(expr.args[1].fields)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return sites
+
+
+def _arg_specs(args: list) -> list:
+    """How the runner fills each kernel parameter: ('const', array) | ('level',) | ('random',)."""
+    specs = []
+    for a in args:
+        if isinstance(a, tvm.ir.Constant):
+            specs.append(("const", a.value.numpy()))
+        elif len(a.ty.shape) == 0 and getattr(a.ty.dtype, "dtype", str(a.ty.dtype)).startswith("int"):
+            specs.append(("level",))
+        else:
+            specs.append(("random",))
+    return specs
+
+
+# ------------------------------------------------------------------------- MetaSchedule plumbing
+def _register_tensor_intrinsics(target: tvm.target.Target) -> None:
+    """Register only the tensor intrinsics of ``target``'s architecture.
+
+    MetaSchedule's ``TuneContext`` imports ``tvm.s_tir.tensor_intrin``, which registers every
+    architecture's intrinsics (CUDA, ROCm, Hexagon, RISC-V...): 45-100 s on a small machine, per
+    process. When nothing imported it yet, the package is entered with only this architecture's
+    submodule (its real path, so any other submodule still imports on demand).
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    import importlib
+    import types
+
+    import tvm.s_tir as s_tir
+
+    arch = str(target.attrs.get("mtriple", "x86_64")).split("-")[0]
+    package = types.ModuleType(name, "Tensor intrinsics, entered per architecture by tvm_nested.tune")
+    package.__path__ = [os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin")]
+    package.__package__ = name
+    sys.modules[name] = package
+    for sub in _INTRIN_MODULES.get(arch, ()):
+        importlib.import_module(f"{name}.{sub}")
+
+
+def _build_candidate(mod, target, _params):
+    """MetaSchedule's default build minus its import of every architecture's tensor intrinsics,
+    which a fresh builder worker would pay on every batch (tvm027-cookbook section 4)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _export_cross(mod, cc: str) -> str:
+    """A shared library the board can load (the RPC runner uploads it)."""
+    import tempfile
+
+    from tvm.support import cc as tvm_cc
+
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=tvm_cc.cross_compiler(cc))
+    return path
+
+
+def _alloc_from_specs(device, args_info, alloc_repeat, *, specs, levels, seed):
+    """Runner-side arguments: the kernel's real packed arrays, a random input and, per repeat, the
+    next level (repeat ``i`` measures ``levels[i % len(levels)]``)."""
+    rng = np.random.default_rng(seed)
+    base = []
+    for info, spec in zip(args_info, list(specs) + [("random",)] * (len(args_info) - len(specs))):
+        # args_info: ["TENSOR", dtype, shape]
+        dtype, shape = str(info[1]), [int(s) for s in info[2]]
+        if spec[0] == "const":
+            base.append(spec[1])
+        elif spec[0] == "level":
+            base.append(None)
+        elif dtype.startswith("float"):
+            base.append(rng.standard_normal(shape).astype(dtype))
+        else:
+            base.append(np.zeros(shape, dtype))
+    out = []
+    for i in range(alloc_repeat):
+        level = np.array(levels[i % len(levels)], "int32")
+        row = []
+        for a in (level if a is None else a for a in base):
+            t = tvm.runtime.empty(a.shape, str(a.dtype), device)  # local or remote (RPC) device alike
+            t.copyfrom(a)
+            row.append(t)
+        out.append(row)
+    return out
+
+
+def _rpc_alloc(session, device, args_info, alloc_repeat, **kwargs):
+    return _alloc_from_specs(device, args_info, alloc_repeat, **kwargs)
+
+
+def _rpc_direct_session(rpc_config, *, host, port, timeout):
+    from tvm import rpc
+
+    return rpc.connect(host, port, session_timeout=timeout)
+
+
+def _builder(target: tvm.target.Target, runner):
+    from tvm.s_tir import meta_schedule as ms
+
+    kwargs = {}
+    if runner != "local" and is_cross(target):
+        arch = str(target.attrs.get("mtriple", "")).split("-")[0]
+        if arch not in _CROSS_CC:
+            raise ValueError(f"no known cross compiler for {target.attrs.get('mtriple')}: cannot export candidates")
+        kwargs["f_export"] = functools.partial(_export_cross, cc=_CROSS_CC[arch])
+    return ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=_BUILD_TIMEOUT_S, **kwargs)
+
+
+def _runner(runner, *, specs=None, levels=(0,), seed=0):
+    """A MetaSchedule runner for ``runner`` ("local" | RPCSettings); real arrays when ``specs``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    config = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=_MIN_REPEAT_MS)
+    repeat = len(levels) if specs is not None else 1
+    alloc = {} if specs is None else {"specs": specs, "levels": list(levels), "seed": seed}
+    if runner == "local":
+        return ms.runner.LocalRunner(
+            timeout_sec=_RUN_TIMEOUT_S, evaluator_config=config, alloc_repeat=repeat,
+            f_alloc_argument=functools.partial(_alloc_from_specs, **alloc) if alloc else None)
+    if not isinstance(runner, RPCSettings):
+        raise TypeError(f"runner must be 'local' or tvm_nested.tune.RPCSettings, got {type(runner).__name__} "
+                        "(MetaSchedule runners are not accepted: they would measure nested kernels on random indices)")
+    extra = {}
+    if runner.uses_tracker:
+        rpc_config = ms.runner.RPCConfig(tracker_host=runner.tracker_host, tracker_port=runner.tracker_port,
+                                         tracker_key=runner.key, session_timeout_sec=runner.session_timeout)
+    else:
+        rpc_config = ms.runner.RPCConfig(session_timeout_sec=runner.session_timeout)
+        extra["f_create_session"] = functools.partial(_rpc_direct_session, host=runner.host, port=runner.port,
+                                                      timeout=runner.session_timeout)
+    if alloc:
+        extra["f_alloc_argument"] = functools.partial(_rpc_alloc, **alloc)
+    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config, alloc_repeat=repeat, **extra)
+
+
+def _workload_records(db, task_mod) -> list:
+    if not db.has_workload(task_mod):
+        return []
+    wl = db.commit_workload(task_mod)
+    return [r for r in db.get_all_tuning_records() if tvm_ffi.structural_equal(r.workload.mod, wl.mod)]
+
+
+def _best(records):
+    ok = [r for r in records if r.run_secs]
+    return min(ok, key=lambda r: float(np.mean([float(s) for s in r.run_secs])), default=None)
+
+
+# ------------------------------------------------------------------------------------- public
+def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: int = 64, runner="local",
+         levels=None, num_trials_per_iter: int = 16, seed: int = 0, progress: bool = True) -> TuningReport:
+    """Tune every nested kernel and dense operator of ``mod`` for ``target`` into the log ``work_dir``.
+
+    ``max_trials``: measured candidates per function (each nested kernel, each dense task).
+    ``runner``: ``"local"`` (this machine) or ``RPCSettings`` (a board). ``levels``: the levels a
+    nested kernel is measured at (default: all); a candidate's cost is their mean.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules.space import cpu_space
+
+    if max_trials < 1 or num_trials_per_iter < 1:
+        raise ValueError(f"max_trials and num_trials_per_iter must be >= 1, got {max_trials}, {num_trials_per_iter}")
+    if runner != "local" and not isinstance(runner, RPCSettings):
+        _runner(runner)  # raises the explanatory TypeError
+    tgt = parse_target(target)
+    _check_cpu(tgt)
+    if runner == "local" and is_cross(tgt):
+        raise ValueError(f"target {tgt} does not run on this machine: tune it with runner=RPCSettings(...) on the board")
+    path = tunelog.open_for_tuning(work_dir, tgt)
+    start = time.time()
+    say = print if progress else (lambda *a, **k: None)
+
+    lowered = _legalize(pipeline.lower(mod), tgt)
+    from .relay_passes.lower_nested import read_nested_info
+
+    info = read_nested_info(lowered) or {"num_levels": 1}
+    num_levels = int(info["num_levels"])
+    levels = list(range(num_levels)) if levels is None else [int(v) for v in levels]
+    bad = [v for v in levels if not 0 <= v < num_levels]
+    if not levels or bad:
+        raise ValueError(f"levels must be a non-empty subset of 0..{num_levels - 1}, got {levels}")
+    sites = _call_sites(lowered)
+    tasks = [t for t in ms.relax_integration.extract_tasks(lowered, tgt)
+             if _has_loops(t.dispatched[0]["main"])]
+    tasks.sort(key=lambda t: not _is_nested(t.dispatched[0]["main"]))  # nested kernels first
+    _register_tensor_intrinsics(tgt)
+    builder = _builder(tgt, runner)
+    db = tunelog.database(path)
+    say(f"[tvm-nested tune] {len(tasks)} functions ({sum(_is_nested(t.dispatched[0]['main']) for t in tasks)} nested), "
+        f"{max_trials} trials each, levels {levels}, log {path}")
+    results = []
+    for i, task in enumerate(tasks, start=1):
+        task_mod = task.dispatched[0]
+        func = task_mod["main"]
+        nested = _is_nested(func)
+        before = len(_workload_records(db, task_mod))
+        say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name} ({'nested ' + str(func.attrs['nested.op']) if nested else 'dense'})"
+            f": {before} records in the log", flush=True)
+        if nested:
+            task_runner = _runner(runner, specs=_arg_specs(sites[task.task_name]), levels=levels, seed=seed)
+            space = cpu_space(tgt)
+        else:
+            task_runner, space = _runner(runner), "post-order-apply"
+        ms.tune_tir(task_mod, tgt, str(path), max_trials_global=max_trials,
+                    num_trials_per_iter=min(num_trials_per_iter, max_trials), builder=builder, runner=task_runner,
+                    database=db, cost_model="xgb", space=space, seed=seed,
+                    strategy=ms.search_strategy.EvolutionarySearch(max_fail_count=2))
+        records = _workload_records(db, task_mod)
+        best = _best(records)
+        run_secs = [float(s) for s in best.run_secs] if best is not None else None
+        per_level = run_secs if nested and run_secs and len(run_secs) == len(levels) else None
+        results.append(KernelTuning(
+            name=task.task_name, kind="nested" if nested else "dense",
+            op=str(func.attrs["nested.op"]) if nested else task.task_name,
+            trials=len(records) - before, records=len(records),
+            best_seconds=float(np.mean(run_secs)) if run_secs else None,
+            levels=list(levels) if nested else [], level_seconds=per_level))
+        r = results[-1]
+        say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name}: +{r.trials} records, best "
+            + ("-" if r.best_seconds is None else f"{r.best_seconds * 1e3:.4f} ms")
+            + ("" if per_level is None else " (" + ", ".join(f"L{lv} {s * 1e3:.4f}" for lv, s in zip(levels, per_level)) + ")"),
+            flush=True)
+    report = TuningReport(str(path), str(tgt), results, time.time() - start)
+    say(str(report))
+    return report
+
+
+def apply_tuning_log(mod: tvm.IRModule, target, tuning_log) -> tvm.IRModule:
+    """Schedule ``mod`` (already through ``pipeline.lower``) from a tuning log, measuring nothing.
+
+    Raises ``tunelog.TuningLogError`` for a log of another target or an incompatible version. The
+    returned module is legalized and fused; its tuned functions carry ``tirx.is_scheduled``.
+    """
+    tgt = parse_target(target)
+    path = tunelog.check(tuning_log, tgt)
+    db = tunelog.database(path)
+    legal = _legalize(mod, tgt)
+    with db, tgt, tvm.transform.PassContext(opt_level=3):  # the pass queries Database.current()
+        return relax.transform.MetaScheduleApplyDatabase(None, enable_warning=False)(legal)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
+    return host, int(port)
+
+
+def tune_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    ap = ap or argparse.ArgumentParser(prog="tvm-nested tune", description="Tune a nested model into a tuning log")
+    ap.add_argument("model", help="ONNX model (.onnx) or torch.export archive (.pt2)")
+    ap.add_argument("--target", default="llvm", help="target to tune for (default: this CPU)")
+    ap.add_argument("--log", required=True, help="tuning log directory (created, or appended to for the same target)")
+    ap.add_argument("--trials", type=int, default=64, help="measured candidates per function (default 64)")
+    ap.add_argument("--levels", default=None, help="comma-separated levels to measure (default: all)")
+    ap.add_argument("--rpc-tracker", type=_host_port, default=None, help="host:port of an RPC tracker")
+    ap.add_argument("--rpc-key", default=None, help="device key at the tracker")
+    ap.add_argument("--rpc", type=_host_port, default=None, help="host:port of one board's RPC server")
+    ap.add_argument("--session-timeout", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def tune_main(argv=None) -> int:
+    """``tvm-nested tune model.onnx|.pt2 --target ... --log DIR --trials N [--rpc-tracker h:p --rpc-key K | --rpc h:p]``."""
+    from .cli import _load_model
+
+    args = tune_parser().parse_args(argv)
+    if args.rpc_tracker and args.rpc:
+        raise SystemExit("error: give --rpc-tracker (with --rpc-key) or --rpc, not both")
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise SystemExit("error: --rpc-tracker and --rpc-key go together")
+    runner = "local"
+    if args.rpc_tracker:
+        runner = RPCSettings(tracker_host=args.rpc_tracker[0], tracker_port=args.rpc_tracker[1], key=args.rpc_key,
+                             session_timeout=args.session_timeout)
+    elif args.rpc:
+        runner = RPCSettings(host=args.rpc[0], port=args.rpc[1], session_timeout=args.session_timeout)
+    levels = None if args.levels is None else [int(v) for v in args.levels.split(",")]
+    try:
+        tune(_load_model(args.model), args.target, args.log, max_trials=args.trials, runner=runner, levels=levels,
+             seed=args.seed, progress=not args.quiet)
+    except tunelog.TuningLogError as err:
+        raise SystemExit(f"error: {err}") from err
+    return 0
+
+
+__all__ = ["RPCSettings", "TuningReport", "KernelTuning", "tune", "apply_tuning_log", "tune_main"]
