@@ -213,6 +213,7 @@ def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, s
 
 def _compile(mod: tvm.IRModule, tgt: tvm.target.Target, info: dict, latency_table=None) -> NestedModule:
     lowered = mod
+    mod = schedule_dense(mod, tgt)  # legalize + fuse, default CPU schedules for the dense remainder
     info.pop("latency_table_us", None)
     if latency_table is not None:
         from .reroute import add_deadline_function, check_table

@@ -1,0 +1,179 @@
+"""Default CPU schedules for the dense remainder of a model (what the nested kernels do not cover).
+
+TVM 0.27's CPU pipeline legalizes Relax ops into plain loop nests and schedules none of them
+(pooling, elementwise, softmax, any conv/matmul left dense run serial and scalar). ``schedule_dense``
+legalizes and fuses the module the way the CPU pipeline does, then gives every PrimFunc that is not
+a nested kernel and not scheduled yet one simple schedule, block by block (root children only):
+
+* spatial-only (injective) block: all loops fused, split by a vector, outer part parallel, inner
+  part vectorised;
+* block with reduction loops (conv2d, matmul, pooling, softmax's max/sum): the spatial loops fused
+  and parallel, except the innermost spatial loop's vector part, which moves inside the reduction
+  loops and is vectorised (a register-resident row of outputs, as in a direct conv); the init is
+  decomposed out of the reduction.
+
+A block the rule cannot schedule (non-constant extents, opaque structure) keeps its loops; the
+functions left wholly unscheduled are reported by ``build``. Tuning (``tvm_nested.tune``) replaces
+these defaults where it has records.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+from tvm.s_tir import Schedule
+
+from .cpu import default_knobs, is_nested_kernel
+
+
+@dataclass(frozen=True)
+class DenseKnobs:
+    """Vector width (fp32 lanes per vectorised loop) and the smallest parallel extent worth it."""
+
+    max_vector: int = 16
+    min_parallel: int = 2
+
+
+def _as_target(target) -> tvm.target.Target:
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+
+def _vector(extent: int, max_vector: int) -> int:
+    """Largest divisor of ``extent`` that is <= max_vector, preferring multiples of 4."""
+    divs = [d for d in range(1, min(extent, max_vector) + 1) if extent % d == 0]
+    whole = [d for d in divs if d % 4 == 0]
+    return max(whole or divs)
+
+
+def _const_extents(sch: Schedule, loops) -> list[int] | None:
+    out = []
+    for lp in loops:
+        ext = sch.get(lp).extent
+        if not isinstance(ext, tvm.tirx.IntImm):
+            return None
+        out.append(int(ext))
+    return out
+
+
+def _schedule_block(sch: Schedule, block, knobs: DenseKnobs) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = _const_extents(sch, loops)
+    if extents is None:
+        return
+    iters = sch.get(block).iter_vars
+    kinds = ["R" if int(iv.iter_type) == 2 else "S" for iv in iters]  # 2 = CommReduce
+    if any(k not in "SR" for k in kinds) or len(iters) != len(loops):
+        return
+    # loops must be bound one-to-one in order (the legalized form): S... then R...
+    spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+    reduce_ = [lp for lp, k in zip(loops, kinds) if k == "R"]
+    if not spatial:
+        return
+    if reduce_:
+        sch.reorder(*spatial, *reduce_)
+    last = spatial[-1]
+    last_ext = int(sch.get(last).extent)
+    vec = _vector(last_ext, knobs.max_vector)
+    outer_sp = spatial[:-1]
+    if vec > 1 and vec < last_ext:
+        lo, vi = sch.split(last, [None, vec])
+        outer_sp = outer_sp + [lo]
+    elif vec == last_ext and vec > 1:
+        vi = last
+    else:
+        vi = None
+        outer_sp = spatial
+    par = sch.fuse(*outer_sp) if len(outer_sp) > 1 else (outer_sp[0] if outer_sp else None)
+    if reduce_ and vi is not None:
+        sch.reorder(*reduce_, vi)
+    if par is not None and int(sch.get(par).extent) >= knobs.min_parallel:
+        sch.parallel(par)
+    if vi is not None:
+        sch.vectorize(vi)
+    if reduce_:
+        sch.decompose_reduction(block, reduce_[0])
+
+
+def schedule_dense_func(func, target, knobs: DenseKnobs | None = None):
+    """Schedule one legalized dense PrimFunc for an llvm target; None when the rule does not apply."""
+    target = _as_target(target)
+    if target.kind.name != "llvm" or not isinstance(func, tvm.tirx.PrimFunc) or is_nested_kernel(func):
+        return None
+    attrs = func.attrs
+    if attrs is not None and bool(attrs.get("tirx.is_scheduled", False)):
+        return None
+    if knobs is None:
+        knobs = DenseKnobs(max_vector=2 * default_knobs(target).vector_lanes)
+    try:
+        sch = Schedule(tvm.ir.load_json(tvm.ir.save_json(func)))
+        root = sch.get_sblock("root")
+    except Exception:  # noqa: BLE001 - no root block: not a TensorIR function this rule handles
+        return None
+    done = 0
+    for block in sch.get_child_blocks(root):
+        name = sch.get(block).name_hint
+        trial = sch.copy()
+        try:
+            _schedule_block(trial, trial.get_sblock(name), knobs)
+        except Exception:  # noqa: BLE001 - tvm ScheduleError: leave this block's loops as they are
+            continue
+        sch = trial
+        done += 1
+    if not done:
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _has_blocks(func) -> bool:
+    try:
+        Schedule(func).get_sblock("root")
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def legalize_passes() -> list[tvm.transform.Pass]:
+    """What TVM's CPU pipeline does first (cpu_generic.legalize_passes), so the PrimFuncs exist."""
+    return [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def schedule_dense(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Legalize + fuse ``mod`` and schedule its dense PrimFuncs for an llvm target (else unchanged).
+
+    Nested kernels and functions already scheduled (tuning records) are left alone.
+    """
+    target = _as_target(target)
+    if target.kind.name != "llvm":
+        return mod
+    with target:
+        mod = tvm.transform.Sequential(legalize_passes())(mod)
+    unscheduled = []
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or is_nested_kernel(func):
+            continue
+        if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+            continue
+        scheduled = schedule_dense_func(func, target)
+        if scheduled is None:
+            if _has_blocks(func):  # plain loop functions (no blocks) are hand-written: leave them
+                unscheduled.append(gv.name_hint)
+            continue
+        mod[gv] = scheduled
+    if unscheduled:
+        warnings.warn(f"no default CPU schedule for {len(unscheduled)} dense function(s): "
+                      f"{', '.join(sorted(unscheduled)[:8])} (they run as plain loops)", stacklevel=2)
+    return mod
+
+
+__all__ = ["DenseKnobs", "schedule_dense", "schedule_dense_func", "legalize_passes"]

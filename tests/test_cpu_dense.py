@@ -1,0 +1,82 @@
+"""Default CPU schedules for the dense remainder (schedules/cpu_dense.py): numerics and structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import relax as R
+
+from tvm_nested.schedules.cpu_dense import legalize_passes, schedule_dense, schedule_dense_func
+
+HOST = tvm.target.Target("llvm")
+
+
+def _module(kind: str) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    if kind == "conv_relu_pool":
+        x = relax.Var("x", relax.TensorType((1, 3, 12, 12), "float32"))
+        w = relax.Var("w", relax.TensorType((8, 3, 3, 3), "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.nn.conv2d(x, w, padding=(1, 1)))
+                y = bb.emit(relax.op.nn.relu(y))
+                y = bb.emit(relax.op.nn.max_pool2d(y, (3, 3), (2, 2), padding=(1, 1)))
+                y = bb.emit(relax.op.nn.adaptive_avg_pool2d(y, (1, 1)))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+    else:  # "matmul_softmax": a batch-1 linear left dense, then softmax
+        x = relax.Var("x", relax.TensorType((1, 40), "float32"))
+        w = relax.Var("w", relax.TensorType((24, 40), "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w, [1, 0])))
+                y = bb.emit(relax.op.nn.softmax(y, axis=-1))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+    return bb.get()
+
+
+def _inputs(kind: str):
+    rng = np.random.default_rng(7)
+    if kind == "conv_relu_pool":
+        return [rng.standard_normal((1, 3, 12, 12)).astype(np.float32),
+                rng.standard_normal((8, 3, 3, 3)).astype(np.float32)]
+    return [rng.standard_normal((1, 40)).astype(np.float32),
+            rng.standard_normal((24, 40)).astype(np.float32)]
+
+
+def _run(mod, args):
+    with HOST, tvm.transform.PassContext(opt_level=3):
+        ex = tvm.compile(mod, target=HOST)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+@pytest.mark.parametrize("kind", ["conv_relu_pool", "matmul_softmax"])
+def test_scheduled_dense_matches_unscheduled(kind):
+    mod = _module(kind)
+    args = _inputs(kind)
+    expect = _run(mod, args)
+    scheduled = schedule_dense(mod, HOST)
+    prims = [f for _, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert prims and all(bool(f.attrs["tirx.is_scheduled"]) for f in prims)
+    assert any("T.parallel" in f.script() for f in prims)
+    assert any("T.vectorized" in f.script() for f in prims)
+    np.testing.assert_allclose(_run(scheduled, args), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_rule_leaves_nested_kernels_and_other_targets_alone():
+    from tvm_nested.schedules import NestedCSR, nested_linear
+
+    fmt = NestedCSR.pack(np.ones((4, 8), np.float32), np.zeros((4, 8), np.int32), 1)
+    assert schedule_dense_func(nested_linear(fmt, 1, False), HOST) is None
+    with HOST:
+        legal = tvm.transform.Sequential(legalize_passes())(_module("matmul_softmax"))
+    func = next(f for _, f in legal.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    assert schedule_dense_func(func, tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) is None
+    scheduled = schedule_dense_func(func, HOST)
+    assert scheduled is not None and schedule_dense_func(scheduled, HOST) is None  # already scheduled
+    mod = _module("matmul_softmax")
+    assert schedule_dense(mod, tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) is mod
