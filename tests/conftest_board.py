@@ -76,8 +76,11 @@ def _board_services(board_env):
         registered = board.start_server(tracker=tracker.address, key=BOARD_KEY, wait=False)
         for bp in (tracker, direct, registered):
             board.wait_ready(bp)
-        yield _Services(direct, BoardTracker(tracker.address, BOARD_KEY, tracker, registered),
-                        time.perf_counter() - t0)
+        yield _Services(
+            direct,
+            BoardTracker(tracker.address, BOARD_KEY, tracker, registered),
+            time.perf_counter() - t0,
+        )
 
 
 @pytest.fixture(scope="session")

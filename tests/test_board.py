@@ -26,9 +26,9 @@ ELF_MACHINE_AARCH64 = 183
 @I.ir_module
 class MatmulRelu:
     @R.function
-    def main(
-        x: R.Tensor((8, 64), "float32"), w: R.Tensor((64, 32), "float32")
-    ) -> R.Tensor((8, 32), "float32"):
+    def main(x: R.Tensor((8, 64), "float32"), w: R.Tensor((64, 32), "float32")) -> R.Tensor(
+        (8, 32), "float32"
+    ):
         with R.dataflow():
             y = R.nn.relu(R.matmul(x, w))
             R.output(y)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -135,6 +134,7 @@ class BoardEnv:
 
 def missing_host_tools() -> list[str]:
     """Debian packages still to install for the host side (qemu-user, the cross gcc)."""
+
     def present(what: str) -> bool:
         return os.path.exists(what) if what.startswith("/") else shutil.which(what) is not None
 
@@ -161,8 +161,10 @@ def board_wheels() -> dict[str, str]:
         except PackageNotFoundError:
             pins[name] = fallback
     if not pins["apache-tvm-ffi"].startswith("0.1.14"):
-        _log(f"host apache-tvm-ffi {pins['apache-tvm-ffi']} is not 0.1.14.x; the board gets "
-             f"{WHEEL_FALLBACKS['apache-tvm-ffi']} (0.1.15.x crashes serialising TIR)")
+        _log(
+            f"host apache-tvm-ffi {pins['apache-tvm-ffi']} is not 0.1.14.x; the board gets "
+            f"{WHEEL_FALLBACKS['apache-tvm-ffi']} (0.1.15.x crashes serialising TIR)"
+        )
         pins["apache-tvm-ffi"] = WHEEL_FALLBACKS["apache-tvm-ffi"]
     return pins
 
@@ -171,7 +173,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, check=True, **kw)
     except subprocess.CalledProcessError as e:
-        out = (e.stderr or e.stdout or b"")
+        out = e.stderr or e.stdout or b""
         out = out.decode(errors="replace") if isinstance(out, bytes) else out
         raise BoardError(f"command failed ({e.returncode}): {' '.join(cmd)}\n{out[-3000:]}") from e
     except FileNotFoundError as e:
@@ -190,8 +192,14 @@ def _apt(state: Path) -> list[str]:
 def _fetch_debs(downloads: Path) -> list[Path]:
     """Resolve and download the arm64 closure of BOARD_DEBS; return the .deb files."""
     state = downloads / "apt"
-    for d in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
-              "var/lib/apt/lists/partial", "var/cache/apt/archives/partial", "var/lib/dpkg"):
+    for d in (
+        "etc/apt/apt.conf.d",
+        "etc/apt/preferences.d",
+        "etc/apt/sources.list.d",
+        "var/lib/apt/lists/partial",
+        "var/cache/apt/archives/partial",
+        "var/lib/dpkg",
+    ):
         (state / d).mkdir(parents=True, exist_ok=True)
     (state / "var/lib/dpkg/status").write_text("")  # empty: resolve the full closure
     if not Path(DEBIAN_KEYRING).exists():
@@ -209,8 +217,10 @@ def _fetch_debs(downloads: Path) -> list[Path]:
     sim = _run([*apt, "install", "-s", *BOARD_DEBS], capture_output=True, text=True).stdout
     # "Inst libc6 (2.36-9+deb12u10 Debian:12.11/stable [arm64])" -> libc6_2.36-9+deb12u10_arm64.deb
     archives = state / "var/cache/apt/archives"
-    debs = [archives / f"{p}_{v.replace(':', '%3a')}_{a}.deb"
-            for p, v, a in re.findall(r"^Inst (\S+) \((\S+) .*\[(arm64|all)\]\)", sim, re.M)]
+    debs = [
+        archives / f"{p}_{v.replace(':', '%3a')}_{a}.deb"
+        for p, v, a in re.findall(r"^Inst (\S+) \((\S+) .*\[(arm64|all)\]\)", sim, re.M)
+    ]
     if not debs:
         raise BoardError(f"apt resolved no packages for {BOARD_DEBS}:\n{sim[-2000:]}")
     if not all(d.exists() for d in debs):
@@ -227,8 +237,9 @@ def _fetch_wheels(downloads: Path, pins: dict[str, str]) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     reqs = [f"{n}=={v}" for n, v in pins.items()]
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", *WHEEL_PLATFORM, "-d", str(wheels)]
-    offline = subprocess.run([*pip, "--no-index", "--find-links", str(wheels), "-q", *reqs],
-                             capture_output=True)
+    offline = subprocess.run(
+        [*pip, "--no-index", "--find-links", str(wheels), "-q", *reqs], capture_output=True
+    )
     if offline.returncode != 0:
         _log(f"pip download aarch64 wheels: {' '.join(reqs)}")
         _run([*pip, "--progress-bar", "off", *reqs])
@@ -268,8 +279,12 @@ def _dir_size(path: Path) -> int:
 
 
 def _manifest(pins: dict[str, str]) -> dict:
-    return {"layout": _LAYOUT_VERSION, "debian": DEBIAN_SUITE, "debs": list(BOARD_DEBS),
-            "wheels": pins}
+    return {
+        "layout": _LAYOUT_VERSION,
+        "debian": DEBIAN_SUITE,
+        "debs": list(BOARD_DEBS),
+        "wheels": pins,
+    }
 
 
 @contextlib.contextmanager
@@ -283,8 +298,12 @@ def _locked(cache_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_board(cache_dir: str | os.PathLike | None = None, *, install_tools: bool = False,
-                 rebuild: bool = False) -> BoardEnv:
+def ensure_board(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    install_tools: bool = False,
+    rebuild: bool = False,
+) -> BoardEnv:
     """Build the board (idempotent, cached) and return it.
 
     A second call with the same host versions returns at once without touching the network.
@@ -296,9 +315,11 @@ def ensure_board(cache_dir: str | os.PathLike | None = None, *, install_tools: b
     cache_dir = cache_dir.expanduser().resolve()
     need = missing_host_tools()
     if need and not install_tools:
-        raise BoardError(f"missing host tools: install the Debian packages {' '.join(need)} "
-                         "(or allow it: ensure_board(install_tools=True) / "
-                         "`tvm-nested board setup --install-tools`)")
+        raise BoardError(
+            f"missing host tools: install the Debian packages {' '.join(need)} "
+            "(or allow it: ensure_board(install_tools=True) / "
+            "`tvm-nested board setup --install-tools`)"
+        )
     if need:
         install_host_tools(need)
     pins = board_wheels()
@@ -331,16 +352,41 @@ def ensure_board(cache_dir: str | os.PathLike | None = None, *, install_tools: b
         site = tmp / "usr/lib/python3/dist-packages"
         _log(f"pip install {len(pins)} aarch64 wheels -> {site}")
         # host pip byte-compiles them with the host CPython (same 3.11 .pyc magic)
-        _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links",
-              str(wheels), "--no-deps", *WHEEL_PLATFORM, "--target", str(site),
-              *(f"{n}=={v}" for n, v in pins.items())])
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--find-links",
+                str(wheels),
+                "--no-deps",
+                *WHEEL_PLATFORM,
+                "--target",
+                str(site),
+                *(f"{n}=={v}" for n, v in pins.items()),
+            ]
+        )
         stdlib = tmp / f"usr/lib/python{BOARD_PY}"
         custom = stdlib / "sitecustomize.py"  # Debian's is an absolute symlink into the HOST /etc
         custom.unlink(missing_ok=True)
         custom.write_text(_SITECUSTOMIZE)
         # byte-compile the stdlib on the host: the emulated interpreter would take minutes
-        subprocess.run([sys.executable, "-m", "compileall", "-q", "-j0", "-x", "test|idlelib|lib2to3",
-                        str(stdlib)], capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "compileall",
+                "-q",
+                "-j0",
+                "-x",
+                "test|idlelib|lib2to3",
+                str(stdlib),
+            ],
+            capture_output=True,
+        )
         # the wrapper bakes in the final path of the sysroot
         shutil.rmtree(sysroot, ignore_errors=True)
         tmp.rename(sysroot)
@@ -350,16 +396,22 @@ def ensure_board(cache_dir: str | os.PathLike | None = None, *, install_tools: b
 
         _log("smoke test: import tvm on the board")
         t1 = time.perf_counter()
-        probe = ("import platform, tvm, tvm_ffi; "
-                 "print(platform.machine(), tvm.__version__, tvm_ffi.__version__)")
+        probe = (
+            "import platform, tvm, tvm_ffi; "
+            "print(platform.machine(), tvm.__version__, tvm_ffi.__version__)"
+        )
         res = subprocess.run(env.command("-c", probe), capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise BoardError(f"the board cannot import tvm:\n{res.stderr[-3000:]}")
-        _log(f"board: {res.stdout.strip()} (import under emulation {time.perf_counter() - t1:.0f}s)")
+        _log(
+            f"board: {res.stdout.strip()} (import under emulation {time.perf_counter() - t1:.0f}s)"
+        )
         manifest_file.write_text(json.dumps(want, indent=1))
-        _log(f"board ready in {time.perf_counter() - t0:.0f}s: {cache_dir} "
-             f"(downloads {_dir_size(downloads) / 1e6:.0f} MB, sysroot "
-             f"{_dir_size(sysroot) / 1e6:.0f} MB)")
+        _log(
+            f"board ready in {time.perf_counter() - t0:.0f}s: {cache_dir} "
+            f"(downloads {_dir_size(downloads) / 1e6:.0f} MB, sysroot "
+            f"{_dir_size(sysroot) / 1e6:.0f} MB)"
+        )
     return env
 
 
@@ -374,7 +426,10 @@ def board_available(cache_dir: str | os.PathLike | None = None) -> tuple[bool, s
         cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         need = missing_host_tools()
         if need and (shutil.which("apt-get") is None or os.geteuid() != 0):
-            return False, f"host tools missing ({' '.join(need)}) and no root apt-get to install them"
+            return (
+                False,
+                f"host tools missing ({' '.join(need)}) and no root apt-get to install them",
+            )
         built = (cache_dir / "sysroot/.board-manifest.json").exists()
         if built:
             return True, "board built"
@@ -468,8 +523,14 @@ class Board:
     and half the memory, but the stock one is what a real board runs.
     """
 
-    def __init__(self, env: BoardEnv | None = None, *, cpu: str = DEFAULT_CPU,
-                 inproc: bool = False, start_timeout: float = 300.0):
+    def __init__(
+        self,
+        env: BoardEnv | None = None,
+        *,
+        cpu: str = DEFAULT_CPU,
+        inproc: bool = False,
+        start_timeout: float = 300.0,
+    ):
         self.env = env or ensure_board()
         self.cpu = cpu
         self.inproc = inproc
@@ -486,12 +547,19 @@ class Board:
         self.stop()
 
     # -- processes ------------------------------------------------------------------------------
-    def _spawn(self, kind: str, cmd: list[str], env: dict, host: str, port: int,
-               **info) -> BoardProcess:
+    def _spawn(
+        self, kind: str, cmd: list[str], env: dict, host: str, port: int, **info
+    ) -> BoardProcess:
         log = self.run_dir / f"{kind}-{port}-{len(self.procs)}.log"
         with open(log, "wb") as f:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         bp = BoardProcess(kind, proc, host, port, log, **info)
         self.procs.append(bp)
         return bp
@@ -516,22 +584,38 @@ class Board:
         self._kill(bp)
         raise BoardError(f"board {bp.kind} on {bp.host}:{bp.port} {why}; log {bp.log}:\n{tail}")
 
-    def start_tracker(self, host: str = "127.0.0.1", port: int = 9190, port_end: int = 9299,
-                      wait: bool = True) -> BoardProcess:
+    def start_tracker(
+        self, host: str = "127.0.0.1", port: int = 9190, port_end: int = 9299, wait: bool = True
+    ) -> BoardProcess:
         """TVM's RPC tracker (``python -m tvm.exec.rpc_tracker``) on the host, its own group.
 
         ``wait=False`` returns at once (servers given its address retry for 60 s until it is
         up): call ``wait_ready(proc)`` later.
         """
         port = free_port(host, port, port_end)
-        cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
-               "--port-end", str(port_end)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--port-end",
+            str(port_end),
+        ]
         bp = self._spawn("tracker", cmd, dict(os.environ), host, port)
         return self.wait_ready(bp) if wait else bp
 
-    def start_server(self, host: str = "127.0.0.1", port: int = 9090, port_end: int = 9199,
-                     tracker: tuple[str, int] | str | None = None, key: str | None = None,
-                     wait: bool = True) -> BoardProcess:
+    def start_server(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9090,
+        port_end: int = 9199,
+        tracker: tuple[str, int] | str | None = None,
+        key: str | None = None,
+        wait: bool = True,
+    ) -> BoardProcess:
         """Start a TVM RPC server on the emulated board, in its own process group.
 
         Returns once it listens (and, with a tracker, once the tracker lists ``key``); raises
@@ -547,11 +631,20 @@ class Board:
         env = dict(os.environ, QEMU_CPU=self.cpu)
         if self.inproc:
             trk = f"{tracker[0]}:{tracker[1]}" if tracker else ""
-            cmd = self.env.command("-c", _INPROC_SERVER, host, str(port), str(port_end), trk,
-                                   key or "")
+            cmd = self.env.command(
+                "-c", _INPROC_SERVER, host, str(port), str(port_end), trk, key or ""
+            )
         else:
-            cmd = self.env.command("-m", "tvm.exec.rpc_server", "--host", host, "--port",
-                                   str(port), "--port-end", str(port_end))
+            cmd = self.env.command(
+                "-m",
+                "tvm.exec.rpc_server",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--port-end",
+                str(port_end),
+            )
             if tracker:
                 cmd += ["--tracker", f"{tracker[0]}:{tracker[1]}", "--key", key]
             elif key:
@@ -580,8 +673,10 @@ class Board:
             info = rpc.connect_tracker(*bp.tracker).summary()
         except (OSError, RuntimeError):
             return False
-        return any(s.get("key") == f"server:{bp.key}" and s["addr"][1] == bp.port
-                   for s in info.get("server_info", []))
+        return any(
+            s.get("key") == f"server:{bp.key}" and s["addr"][1] == bp.port
+            for s in info.get("server_info", [])
+        )
 
     @property
     def running(self) -> list[BoardProcess]:
@@ -592,6 +687,7 @@ class Board:
     def _kill(bp: BoardProcess, grace: float = 10.0) -> None:
         """SIGTERM the whole group (the stock server's PopenWorker child is the real listener),
         then SIGKILL whatever is left after ``grace`` seconds (qemu can be slow to deliver)."""
+
         def alive() -> bool:
             bp.proc.poll()
             return bool(bp.pids())
@@ -614,8 +710,14 @@ class Board:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def connect(address: tuple[str, int] | None = None, *, tracker: tuple[str, int] | None = None,
-            key: str = BOARD_KEY, session_timeout: float = 0, timeout: float = 30.0):
+def connect(
+    address: tuple[str, int] | None = None,
+    *,
+    tracker: tuple[str, int] | None = None,
+    key: str = BOARD_KEY,
+    session_timeout: float = 0,
+    timeout: float = 30.0,
+):
     """An RPC session with a board, directly (``address``) or through ``tracker`` (by ``key``).
 
     Unlike ``rpc.connect_tracker`` (retries 60 s) and ``TrackerSession.request`` (waits forever
@@ -646,11 +748,12 @@ def connect(address: tuple[str, int] | None = None, *, tracker: tuple[str, int] 
         if queue.get(key, {}).get("free", 0) > 0:
             break
         if time.monotonic() > deadline:
-            raise BoardError(f"{what}: no free server with key {key!r} after {timeout:.0f}s "
-                             f"(keys: {sorted(queue) or 'none'})")
+            raise BoardError(
+                f"{what}: no free server with key {key!r} after {timeout:.0f}s "
+                f"(keys: {sorted(queue) or 'none'})"
+            )
         time.sleep(0.5)
-    return rpc.connect_tracker(*tracker).request(key, session_timeout=session_timeout,
-                                                 max_retry=2)
+    return rpc.connect_tracker(*tracker).request(key, session_timeout=session_timeout, max_retry=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,18 +770,26 @@ def _cmd_setup(a) -> int:
 
 def _cmd_serve(a) -> int:
     env = ensure_board(a.cache_dir)
+    # the server runs in its own session: Ctrl-C (even if started with SIGINT ignored, as a
+    # shell's background job is) and SIGTERM unwind and stop it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with Board(env, cpu=a.cpu, inproc=a.inproc) as board:
         _log(f"starting the board RPC server (qemu {a.cpu}; import under emulation takes a while)")
         bp = board.start_server(a.host, a.port, a.port_end, tracker=a.tracker, key=a.key)
         where = f"tracker {a.tracker} key {a.key}" if a.tracker else "direct"
-        print(f"board RPC server listening on {bp.host}:{bp.port} ({where}); Ctrl-C stops it",
-              flush=True)
+        print(
+            f"board RPC server listening on {bp.host}:{bp.port} ({where}); Ctrl-C stops it",
+            flush=True,
+        )
         try:
             bp.proc.wait()
             print(f"server exited ({bp.proc.returncode}):\n{bp.log_tail()}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("stopping", flush=True)
+        finally:
+            board.stop()
     return 0
 
 
@@ -687,7 +798,8 @@ def _cmd_status(a) -> int:
     manifest = cache / "sysroot/.board-manifest.json"
     need = missing_host_tools()
     print(f"cache dir:  {cache}")
-    print(f"host tools: {'missing ' + ' '.join(need) if need else 'ok (' + ', '.join(HOST_TOOLS.values()) + ')'}")
+    tools = f"missing {' '.join(need)}" if need else f"ok ({', '.join(HOST_TOOLS.values())})"
+    print(f"host tools: {tools}")
     if not manifest.exists():
         print("board:      not built (tvm-nested board setup)")
         return 1
@@ -695,21 +807,28 @@ def _cmd_status(a) -> int:
     fresh = m == _manifest(board_wheels())
     print(f"board:      built{'' if fresh else ' but STALE (host versions changed; run setup)'}")
     print("wheels:     " + " ".join(f"{n}=={v}" for n, v in m["wheels"].items()))
-    print(f"size:       downloads {_dir_size(cache / 'downloads') / 1e6:.0f} MB, "
-          f"sysroot {_dir_size(cache / 'sysroot') / 1e6:.0f} MB")
+    print(
+        f"size:       downloads {_dir_size(cache / 'downloads') / 1e6:.0f} MB, "
+        f"sysroot {_dir_size(cache / 'sysroot') / 1e6:.0f} MB"
+    )
     return 0 if fresh and not need else 1
 
 
 def board_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tvm-nested board",
-                                description="an emulated aarch64 board (qemu-user) for TVM RPC")
+    p = argparse.ArgumentParser(
+        prog="tvm-nested board", description="an emulated aarch64 board (qemu-user) for TVM RPC"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cache-dir", default=None,
-                        help=f"where the board lives (default {default_cache_dir()})")
+    common.add_argument(
+        "--cache-dir", default=None, help=f"where the board lives (default {default_cache_dir()})"
+    )
     s = sub.add_parser("setup", parents=[common], help="build the board (cached)")
-    s.add_argument("--install-tools", action="store_true",
-                   help=f"apt-get install missing host tools ({', '.join(HOST_TOOLS.values())})")
+    s.add_argument(
+        "--install-tools",
+        action="store_true",
+        help=f"apt-get install missing host tools ({', '.join(HOST_TOOLS.values())})",
+    )
     s.add_argument("--rebuild", action="store_true", help="re-extract the sysroot")
     s.set_defaults(func=_cmd_setup)
     s = sub.add_parser("serve", parents=[common], help="run a board RPC server until Ctrl-C")
@@ -719,8 +838,11 @@ def board_main(argv: list[str] | None = None) -> int:
     s.add_argument("--tracker", default=None, help="host:port of a TVM RPC tracker")
     s.add_argument("--key", default=None, help="key to register with the tracker")
     s.add_argument("--cpu", default=DEFAULT_CPU, help="qemu CPU model (cortex-a72 = Pi 4)")
-    s.add_argument("--inproc", action="store_true",
-                   help="single-process server (faster start; the default is TVM's stock one)")
+    s.add_argument(
+        "--inproc",
+        action="store_true",
+        help="single-process server (faster start; the default is TVM's stock one)",
+    )
     s.set_defaults(func=_cmd_serve)
     s = sub.add_parser("status", parents=[common], help="is the board built and current?")
     s.set_defaults(func=_cmd_status)
@@ -734,9 +856,23 @@ def board_main(argv: list[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["BOARD_KEY", "DEFAULT_CPU", "Board", "BoardEnv", "BoardError", "BoardProcess",
-           "board_available", "board_main", "board_wheels", "connect", "default_cache_dir", "ensure_board",
-           "free_port", "is_listening", "missing_host_tools"]
+__all__ = [
+    "BOARD_KEY",
+    "DEFAULT_CPU",
+    "Board",
+    "BoardEnv",
+    "BoardError",
+    "BoardProcess",
+    "board_available",
+    "board_main",
+    "board_wheels",
+    "connect",
+    "default_cache_dir",
+    "ensure_board",
+    "free_port",
+    "is_listening",
+    "missing_host_tools",
+]
 
 
 if __name__ == "__main__":
