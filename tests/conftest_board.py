@@ -12,7 +12,8 @@ Registered from ``tests/conftest.py``. Fixtures:
 
 A server registered with a tracker only accepts clients that the tracker sent (TVM gives them a
 random match key), so the direct and the tracker fixtures are two servers of the same board; both
-start together the first time either fixture is used, and stop at the end of the session.
+start together the first time either fixture is used, and stop at the end of the session,
+when the teardown checks that no board process or port is left.
 With CI=true the board is cached in the repo's ``.cache/board`` (git-ignored) so CI reuses it.
 """
 
@@ -32,6 +33,7 @@ from tvm_nested.board import (
     BoardProcess,
     board_available,
     ensure_board,
+    is_listening,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +56,6 @@ class BoardTracker:
 class _Services:
     server: BoardProcess
     tracker: BoardTracker
-    start_s: float
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +69,43 @@ def board_env() -> BoardEnv:
 
 @pytest.fixture(scope="session")
 def _board_services(board_env):
-    t0 = time.perf_counter()
-    with Board(board_env) as board:
-        # all three start at once; the registered server retries until the tracker is up
+    board = Board(board_env)
+    try:
+        # All three start at once (the registered server retries until the tracker is up).
+        # The direct one is TVM's stock server (launcher + PopenWorker: the faithful one); the
+        # registered one is the in-process variant, same protocol, one emulated tvm import fewer.
         tracker = board.start_tracker(wait=False)
         direct = board.start_server(wait=False)
-        registered = board.start_server(tracker=tracker.address, key=BOARD_KEY, wait=False)
+        registered = board.start_server(
+            tracker=tracker.address, key=BOARD_KEY, wait=False, inproc=True
+        )
         for bp in (tracker, direct, registered):
             board.wait_ready(bp)
         yield _Services(
             direct,
             BoardTracker(tracker.address, BOARD_KEY, tracker, registered),
-            time.perf_counter() - t0,
         )
+        procs = list(board.procs)
+        pids = [pid for bp in procs for pid in bp.pids()]
+    finally:
+        board.stop()
+    # the real qemu processes (stock server = launcher + PopenWorker) must all be gone
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and [p for p in pids if not _gone(p)]:
+        time.sleep(0.1)
+    left = [p for p in pids if not _gone(p)] + [
+        bp.address for bp in procs if is_listening(*bp.address)
+    ]
+    assert not left, f"board processes or ports left after stop(): {left}"
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.fixture(scope="session")

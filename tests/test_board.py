@@ -5,9 +5,11 @@ Uses the fixtures of tests/conftest_board.py. Emulated run times are not perform
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 import tvm
 from tvm import relax
@@ -85,27 +87,73 @@ def test_tracker_without_the_key_fails_fast(board_tracker):
     assert time.monotonic() - t0 < 10
 
 
-def test_stop_kills_every_process_of_the_board(board_env):
-    import psutil
+# -- process handling, with a stand-in for the board's python (no qemu: these take a second) ----
 
-    def gone(pid):
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
+FAKE_SERVER = """
+import socket, subprocess, sys, time
+if sys.argv[1:2] == ["--listen"]:  # the child: the real listener, like TVM's PopenWorker
+    s = socket.socket()
+    s.bind(("127.0.0.1", int(sys.argv[2])))
+    s.listen()
+    print(f"bind to 127.0.0.1:{sys.argv[2]}", flush=True)
+    time.sleep(600)
+argv = sys.argv[1:]
+if "--crash" in argv:
+    print("boom: no board here", flush=True)
+    sys.exit(3)
+if "--hang" in argv:
+    time.sleep(600)
+port = argv[argv.index("--port") + 1]
+subprocess.Popen([sys.executable, __file__, "--listen", port]).wait()
+"""
 
-    with tb.Board(board_env) as board:
-        tracker = board.start_tracker(wait=False)
-        server = board.start_server(wait=False)
-        board.wait_ready(tracker)
-        board.wait_ready(server)
-        # stock server = launcher + PopenWorker child (the real listener, orphaned by a plain kill)
-        assert len(server.pids()) >= 2
-        pids = tracker.pids() + server.pids()
-        board.stop()
+
+@pytest.fixture
+def fake_env(tmp_path):
+    """A BoardEnv whose "board python" is a host script that mimics the RPC server's processes."""
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    wrapper = tmp_path / "board-python"
+    extra = tmp_path / "extra-args"
+    extra.write_text("")
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@" $(cat {extra})\n')
+    wrapper.chmod(0o755)
+    env = tb.BoardEnv(tmp_path, tmp_path, wrapper, {})
+    return env, extra
+
+
+def _gone(pid) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_stop_kills_the_whole_process_group(fake_env):
+    env, _ = fake_env
+    with tb.Board(env) as board:
+        server = board.start_server(port=21000, port_end=21100)
+        pids = server.pids()
+        assert len(pids) == 2  # launcher + listener child: killing only the launcher orphans it
+        assert tb.is_listening(*server.address)
     deadline = time.monotonic() + 5
-    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert [p for p in pids if not gone(p)] == []
+    assert [p for p in pids if not _gone(p)] == []
     assert not tb.is_listening(*server.address)
-    assert not tb.is_listening(*tracker.address)
+
+
+def test_server_that_dies_reports_its_log(fake_env):
+    env, extra = fake_env
+    extra.write_text("--crash")
+    with tb.Board(env) as board, pytest.raises(tb.BoardError, match="(?s)exited with code 3.*boom"):
+        board.start_server(port=21000, port_end=21100)
+
+
+def test_server_that_never_listens_times_out(fake_env):
+    env, extra = fake_env
+    extra.write_text("--hang")
+    with tb.Board(env, start_timeout=1) as board:
+        with pytest.raises(tb.BoardError, match="not listening after 1s"):
+            board.start_server(port=21000, port_end=21100)
+        assert board.running == []  # the hung process was killed

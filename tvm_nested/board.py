@@ -615,12 +615,14 @@ class Board:
         tracker: tuple[str, int] | str | None = None,
         key: str | None = None,
         wait: bool = True,
+        inproc: bool | None = None,
     ) -> BoardProcess:
         """Start a TVM RPC server on the emulated board, in its own process group.
 
         Returns once it listens (and, with a tracker, once the tracker lists ``key``); raises
         ``BoardError`` with the tail of its log if it dies or does not come up in
         ``start_timeout`` seconds. ``wait=False`` returns at once: call ``wait_ready(proc)``.
+        ``inproc`` overrides the board's choice of server variant for this one.
         """
         if isinstance(tracker, str):
             th, tp = tracker.rsplit(":", 1)
@@ -629,7 +631,7 @@ class Board:
             raise ValueError("a server registered with a tracker needs a key")
         port = free_port(host, port, port_end)
         env = dict(os.environ, QEMU_CPU=self.cpu)
-        if self.inproc:
+        if self.inproc if inproc is None else inproc:
             trk = f"{tracker[0]}:{tracker[1]}" if tracker else ""
             cmd = self.env.command(
                 "-c", _INPROC_SERVER, host, str(port), str(port_end), trk, key or ""
