@@ -1,0 +1,301 @@
+"""Rerouting under a deadline: the stage split, the on-device rule, main_deadline, run_deadline.
+
+The rule is tested as the very PrimFunc the module compiles (``nested_reroute_rule``), with crafted
+latency tables and an injected elapsed time; whole-module tests use tables and deadlines that make
+the decision independent of this machine's speed (no wall-clock assertion anywhere).
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+
+import tvm_nested
+from tvm_nested import nn as tnn
+from tvm_nested import reroute
+from tvm_nested.relay_passes.stages import SplitStages, read_stage_plan
+
+DENSITIES = (0.5, 0.2, 0.1)
+L = len(DENSITIES)
+HUGE_MS = 1e9  # ~11 days: nothing in a test runs that long
+
+
+# ------------------------------------------------------------------------------------- models
+class MLP(nn.Module):
+    """PointNet-like shared MLP over points, then a max-pool and a classifier head."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3, self.head = nn.Linear(3, 64), nn.Linear(64, 128), nn.Linear(128, 256), nn.Linear(256, 10)
+
+    def forward(self, pts):  # pts [N, 3]
+        h = torch.relu(self.l3(torch.relu(self.l2(torch.relu(self.l1(pts))))))
+        return self.head(torch.max(h, dim=0, keepdim=True)[0])
+
+
+class GRUish(nn.Module):
+    """A recurrent cell (minimal gated unit) unrolled over 4 steps; the state carries across stages."""
+
+    def __init__(self, d=32, hdim=64):
+        super().__init__()
+        self.steps = 4
+        self.cells = nn.ModuleList([nn.ModuleDict({"x": nn.Linear(d, 2 * hdim), "h": nn.Linear(hdim, 2 * hdim)})
+                                    for _ in range(self.steps)])
+        self.out = nn.Linear(hdim, 8)
+        self.hdim = hdim
+
+    def forward(self, xs):  # xs [steps, 1, d]
+        h = torch.zeros(1, self.hdim)
+        for t in range(self.steps):
+            z, c = (self.cells[t]["x"](xs[t]) + self.cells[t]["h"](h)).chunk(2, dim=-1)
+            z = torch.sigmoid(z)
+            h = (1 - z) * h + z * torch.tanh(c)
+        return self.out(h)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h))
+        h = h + torch.relu(self.c3(h))  # a residual: two activations live across a cut
+        return self.fc(torch.flatten(torch.nn.functional.max_pool2d(h, 2), 1))
+
+
+def _nested(model, x):
+    torch.manual_seed(0)
+    dense = model().eval()
+    names = [n for n, m in dense.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    nested = tnn.nest(dense, {n: DENSITIES for n in names}).eval()
+    return tvm_nested.from_torch(nested, (torch.from_numpy(x), torch.tensor(0))), nested
+
+
+def _inputs(name):
+    rng = np.random.default_rng(0)
+    return {"mlp": rng.standard_normal((64, 3)), "gru": rng.standard_normal((4, 1, 32)),
+            "cnn": rng.standard_normal((1, 3, 16, 16))}[name].astype("float32")
+
+
+MODELS = {"mlp": MLP, "gru": GRUish, "cnn": SmallCNN}
+
+
+@pytest.fixture(scope="module", params=["mlp", "gru", "cnn"])
+def staged(request):
+    """(name, x, torch model, staged lib without table, runtime)."""
+    x = _inputs(request.param)
+    mod, model = _nested(MODELS[request.param], x)
+    lib = tvm_nested.build(mod, "llvm", stages=3)
+    return request.param, x, model, mod, lib, lib.runtime()
+
+
+# ------------------------------------------------------------------------------------- the rule
+def _rule_runner(k, levels):
+    ex = tvm.compile(tvm.IRModule({"rule": reroute.reroute_rule(k, levels).with_attr("global_symbol", "rule")}), "llvm")
+
+    def run(table, elapsed_us, deadline_us, level, stage):
+        out = tvm.runtime.tensor(np.array(-7, "int32"))
+        ex["rule"](tvm.runtime.tensor(np.array(elapsed_us, "float64")), tvm.runtime.tensor(np.array(deadline_us, "float64")),
+                   tvm.runtime.tensor(np.array(level, "int32")), tvm.runtime.tensor(np.asarray(table, "float64")), stage, out)
+        return int(out.numpy())
+
+    return run
+
+
+TABLE = np.array([[100.0, 60.0, 30.0], [100.0, 60.0, 30.0], [100.0, 60.0, 30.0], [100.0, 60.0, 30.0]])
+
+
+@pytest.mark.parametrize(("elapsed", "deadline", "level", "stage", "expected"), [
+    (100.0, 400.0, 0, 1, 0),    # 100 + 300 = 400 fits exactly: keep the level
+    (100.1, 400.0, 0, 1, 1),    # just over: level 1 (100.1 + 180) fits
+    (250.0, 400.0, 0, 1, 2),    # 250 + 180 > 400, 250 + 90 fits: level 2
+    (350.0, 400.0, 0, 1, 2),    # nothing fits: the sparsest
+    (100.0, 300.0, 0, 3, 0),    # stage 3 of 4: one stage left, 100 + 100 fits
+    (250.0, 300.0, 0, 3, 2),    # 250 + 100 and 250 + 60 miss, 250 + 30 fits: level 2
+    (0.0, 0.0, 1, 1, 2),        # deadline 0: the sparsest
+    (5.0, 1e12, 0, 1, 0),       # huge deadline: never switches
+    (300.0, 320.0, 1, 2, 2),    # already at 1: only sparser levels are considered
+], ids=["fits-exactly", "just-over", "skip-a-level", "none-fits", "last-stage", "last-stage-switch",
+        "deadline-0", "huge", "from-level-1"])
+def test_rule_primfunc_matches_reference(elapsed, deadline, level, stage, expected):
+    run = _rule_runner(*TABLE.shape)
+    ref = reroute.decide(TABLE, elapsed, deadline, level, stage)
+    assert ref == expected
+    assert run(TABLE, elapsed, deadline, level, stage) == ref
+
+
+def test_rule_never_goes_denser_even_with_a_noisy_table():
+    table = np.array([[10.0, 50.0, 5.0], [10.0, 50.0, 5.0]])  # level 1 slower than level 0 (noise)
+    run = _rule_runner(2, 3)
+    # at level 1 (predicted 150 us left) with 90 us elapsed and a 105 us deadline, level 0 (10 us left)
+    # would fit but is denser: never considered; the sparsest (5 us) fits
+    assert run(table, 90.0, 105.0, 1, 1) == 2
+    assert reroute.decide(table, 90.0, 105.0, 1, 1) == 2
+
+
+def test_rule_on_random_tables_matches_numpy():
+    rng = np.random.default_rng(0)
+    run = _rule_runner(4, 3)
+    for _ in range(200):
+        table = np.sort(rng.uniform(1, 100, (4, 3)), axis=1)[:, ::-1].copy()
+        args = (float(rng.uniform(0, 300)), float(rng.uniform(0, 400)), int(rng.integers(0, 3)), int(rng.integers(1, 4)))
+        assert run(table, *args) == reroute.decide(table, *args), args
+
+
+# ------------------------------------------------------------------------------------- stages
+def test_stages_compute_main_at_every_level(staged):
+    name, x, model, _, lib, rt = staged
+    plan = rt.stage_plan
+    assert plan["num_stages"] == 3 and len(plan["functions"]) == 3
+    for lvl in range(L):
+        got = rt.run_stages(x, levels=[lvl] * 3)[0]
+        np.testing.assert_allclose(got, rt.run(x, level=lvl)[0], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x), level=torch.tensor(lvl)).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stages_share_weights_in_the_exported_library(staged, tmp_path):
+    name, x, model, mod, lib, rt = staged
+    plain = tvm_nested.build(mod, "llvm")
+    a, b = lib.export_library(tmp_path / "staged.so"), plain.export_library(tmp_path / "plain.so")
+    extra = os.path.getsize(a) - os.path.getsize(b)
+    # stage functions + their fused glue kernels cost code, never a second copy of the packed weights
+    assert extra < 0.5 * lib.payload_bytes + 64 * 1024, (extra, lib.payload_bytes)
+
+
+def test_explicit_cuts_and_errors():
+    x = _inputs("mlp")
+    mod, _ = _nested(MLP, x)
+    lowered = tvm_nested.pipeline.lower(mod)
+    two = read_stage_plan(SplitStages(None, cuts=[1])(lowered))
+    assert two["num_stages"] == 2
+    assert SplitStages(10)(lowered).attrs is not None  # more stages than layers: capped
+    assert read_stage_plan(SplitStages(10)(lowered))["num_stages"] == 4  # 4 nested layers -> at most 4 stages
+    with pytest.raises(ValueError, match="nested layers 0..3"):
+        SplitStages(None, cuts=[7])(lowered)
+    with pytest.raises(ValueError, match="increasing order"):
+        SplitStages(None, cuts=[2, 1])(lowered)
+    with pytest.raises(ValueError, match="no binding named"):
+        SplitStages(None, cuts=["nope"])(lowered)
+
+
+# ------------------------------------------------------------------------------------- main_deadline
+def test_no_latency_table_is_a_clear_error(staged):
+    name, x, *_ , rt = staged
+    with pytest.raises(ValueError, match="no latency table.*profile_stages.*with_latency_table"):
+        rt.run_deadline(x, deadline_ms=5.0)
+
+
+def test_unstaged_module_says_how_to_stage():
+    x = _inputs("mlp")
+    mod, _ = _nested(MLP, x)
+    rt = tvm_nested.build(mod, "llvm").runtime()
+    with pytest.raises(ValueError, match="stages=K"):
+        rt.run_deadline(x, deadline_ms=5.0)
+    with pytest.raises(ValueError, match="no stages to profile"):
+        reroute.profile_stages(rt, x, number=1, repeat=1)
+
+
+@pytest.fixture(scope="module")
+def with_table(staged):
+    name, x, model, mod, lib, rt = staged
+    table = reroute.profile_stages(rt, x, number=1, repeat=2)
+    assert table.shape == (3, L) and np.all(table > 0)
+    lib2 = lib.with_latency_table(table)
+    return name, x, lib2, lib2.runtime()
+
+
+def test_table_is_inside_the_artifact(with_table, tmp_path):
+    name, x, lib2, rt2 = with_table
+    path = lib2.export_library(tmp_path / "model.so")
+    loaded = tvm_nested.load(path)
+    np.testing.assert_array_equal(loaded.latency_table, lib2.latency_table)
+    np.testing.assert_array_equal(loaded._vm[reroute.TABLE_FUNC]().numpy(), lib2.latency_table)
+    outs, levels = loaded.run_deadline(x, deadline_ms=HUGE_MS, level=1)
+    assert levels.tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_deadline_zero_runs_the_rest_sparsest(with_table, level):
+    name, x, lib2, rt2 = with_table
+    outs, levels = rt2.run_deadline(x, deadline_ms=0, level=level)
+    assert levels.tolist() == [level, L - 1, L - 1]
+    np.testing.assert_array_equal(outs[0], rt2.run_stages(x, levels=levels)[0])
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_huge_deadline_never_switches(with_table, level):
+    name, x, lib2, rt2 = with_table
+    outs, levels = rt2.run_deadline(x, deadline_ms=HUGE_MS, level=level)
+    assert levels.tolist() == [level] * 3
+    np.testing.assert_allclose(outs[0], rt2.run(x, level=level)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_crafted_table_switches_where_the_rule_says():
+    """Level 0 predicted at 1e9 us per stage, level 1 at 1 us, level 2 at 0: with a 1000 s deadline
+    only level 0 is ever predicted late, so stage 1 onwards runs at level 1, whatever this machine's speed."""
+    x = _inputs("mlp")
+    mod, _ = _nested(MLP, x)
+    table = np.array([[1e9, 1.0, 0.0]] * 3)
+    rt = tvm_nested.build(mod, "llvm", stages=3, latency_table=table).runtime()
+    outs, levels = rt.run_deadline(x, deadline_ms=1e6, level=0)
+    assert levels.tolist() == [0, 1, 1]
+    np.testing.assert_array_equal(outs[0], rt.run_stages(x, levels=[0, 1, 1])[0])
+    outs, levels = rt.run_deadline(x, deadline_ms=1e6, level=2)  # already sparser: stays
+    assert levels.tolist() == [2, 2, 2]
+
+
+def test_deadline_arguments_are_checked(with_table):
+    name, x, lib2, rt2 = with_table
+    with pytest.raises(ValueError, match="out of range"):
+        rt2.run_deadline(x, deadline_ms=1.0, level=L)
+    with pytest.raises(ValueError, match="deadline_ms"):
+        rt2.run_deadline(x, deadline_ms=-1.0)
+    with pytest.raises(ValueError, match="shape"):
+        rt2.run_deadline(np.zeros((1, 1), "float32"), deadline_ms=1.0)
+
+
+def test_on_device_level_guard(with_table):
+    """A raw VM call that bypasses the Python checks still cannot run a level outside 0..L-1."""
+    name, x, lib2, rt2 = with_table
+    args = rt2._arguments([x], 0)
+    args[-1] = tvm.runtime.tensor(np.array(L, "int32"))
+    with pytest.raises(Exception, match="out of range"):
+        rt2._vm[reroute.DEADLINE_FUNC](*args, tvm.runtime.tensor(np.array(1e3, "float64")))
+
+
+def test_cli_deadline_run(with_table, tmp_path, capsys):
+    name, x, lib2, rt2 = with_table
+    path = lib2.export_library(tmp_path / "m.so")
+    np.save(tmp_path / "x.npy", x)
+    assert reroute.deadline_run_main([str(path), "--deadline-ms", "0", "--level", "1", "--input",
+                                      str(tmp_path / "x.npy"), "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("levels per stage [1, 2, 2]") == 2
+    assert reroute.deadline_run_main([str(tmp_path / "missing.so"), "--deadline-ms", "1"]) == 2
+
+
+def test_aarch64_cross_build_links_the_clock(tmp_path):
+    """The on-device rule and clock cross-compile for aarch64 and link against the board's libc."""
+    import shutil
+    import subprocess
+
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.fail("aarch64-linux-gnu-gcc missing: apt-get install gcc-aarch64-linux-gnu")
+    x = _inputs("mlp")
+    mod, _ = _nested(MLP, x)
+    lib = tvm_nested.build(mod, "llvm -mtriple=aarch64-linux-gnu", stages=2, latency_table=np.ones((2, L)))
+    path = lib.export_library(tmp_path / "arm.so")
+    data = open(path, "rb").read()
+    assert int.from_bytes(data[18:20], "little") == 183  # EM_AARCH64
+    assert b"clock_gettime" in data and b"main_deadline" in data
+    nm = shutil.which("aarch64-linux-gnu-nm") or shutil.which("nm")
+    syms = subprocess.run([nm, "-D", path], capture_output=True, text=True).stdout
+    assert "U clock_gettime" in syms
