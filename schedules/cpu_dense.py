@@ -58,6 +58,19 @@ def _const_extents(sch: Schedule, loops) -> list[int] | None:
     return out
 
 
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in tvm.tirx.analysis.undefined_vars(expr))
+
+
+def _innermost_in_reads(block, var) -> bool:
+    """True when every read that depends on ``var`` has it in its last (contiguous) dimension only."""
+    for region in block.reads:
+        dims = [r.min for r in region.region]
+        if any(_uses(d, var) for d in dims[:-1]):
+            return False
+    return True
+
+
 def _schedule_block(sch: Schedule, block, knobs: DenseKnobs) -> None:
     loops = sch.get_loops(block)
     if not loops:
@@ -79,6 +92,9 @@ def _schedule_block(sch: Schedule, block, knobs: DenseKnobs) -> None:
     last = spatial[-1]
     last_ext = int(sch.get(last).extent)
     vec = _vector(last_ext, knobs.max_vector)
+    last_var = [iv.var for iv, k in zip(iters, kinds) if k == "S"][-1]
+    if reduce_ and not _innermost_in_reads(sch.get(block), last_var):
+        vec = 1  # e.g. x @ W.T: the output column strides through W; keep the reduction innermost
     outer_sp = spatial[:-1]
     if vec > 1 and vec < last_ext:
         lo, vi = sch.split(last, [None, vec])
