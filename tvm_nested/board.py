@@ -333,10 +333,28 @@ def ensure_board(
             return json.loads(manifest_file.read_text())
         return None
 
-    if not rebuild and current() == want and wrapper.exists():
+    def write_wrapper():  # atomic: a board process may be starting through the old one
+        wrapper.parent.mkdir(parents=True, exist_ok=True)
+        tmp = wrapper.with_name(f".{wrapper.name}.{os.getpid()}")
+        tmp.write_text(_wrapper_text(sysroot, wrapper))
+        tmp.chmod(0o755)
+        os.replace(tmp, wrapper)
+
+    def ready() -> bool:
+        if rebuild or current() != want:
+            return False
+        # the wrapper bakes in absolute paths: a moved cache (e.g. a copied CI cache) needs a
+        # new one, nothing else (the sysroot itself does not depend on where it lies)
+        with contextlib.suppress(OSError):
+            if wrapper.read_text() == _wrapper_text(sysroot, wrapper):
+                return True
+        write_wrapper()
+        return True
+
+    if ready():
         return env
     with _locked(cache_dir):
-        if not rebuild and current() == want and wrapper.exists():
+        if ready():
             return env  # another process built it while we waited
         t0 = time.perf_counter()
         downloads = cache_dir / "downloads"
@@ -390,9 +408,7 @@ def ensure_board(
         # the wrapper bakes in the final path of the sysroot
         shutil.rmtree(sysroot, ignore_errors=True)
         tmp.rename(sysroot)
-        wrapper.parent.mkdir(parents=True, exist_ok=True)
-        wrapper.write_text(_wrapper_text(sysroot, wrapper))
-        wrapper.chmod(0o755)
+        write_wrapper()
 
         _log("smoke test: import tvm on the board")
         t1 = time.perf_counter()
