@@ -391,7 +391,7 @@ def ensure_board(
         custom = stdlib / "sitecustomize.py"  # Debian's is an absolute symlink into the HOST /etc
         custom.unlink(missing_ok=True)
         custom.write_text(_SITECUSTOMIZE)
-        # byte-compile the stdlib on the host: the emulated interpreter would take minutes
+        # byte-compile the stdlib on the host (fast) rather than on first use under emulation (slow)
         subprocess.run(
             [
                 sys.executable,
