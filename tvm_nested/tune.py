@@ -44,7 +44,6 @@ from .target import is_cross, parse_target
 
 # MetaSchedule's evaluator: one timing (>= _MIN_REPEAT_MS) per level per candidate.
 _MIN_REPEAT_MS = 40
-_BUILD_TIMEOUT_S = 60
 _RUN_TIMEOUT_S = 60
 # Cross toolchain per target architecture (the RPC path exports a .so the board can load).
 _CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
@@ -210,10 +209,9 @@ def _register_tensor_intrinsics(target: tvm.target.Target) -> None:
 def _build_candidate(mod, target, _params):
     """MetaSchedule's default build minus its import of every architecture's tensor intrinsics,
     which a fresh builder worker would pay on every batch (tvm027-cookbook section 4)."""
-    from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _export_cross(mod, cc: str) -> str:
@@ -227,25 +225,34 @@ def _export_cross(mod, cc: str) -> str:
     return path
 
 
-def _alloc_from_specs(device, args_info, alloc_repeat, *, specs, levels, seed):
-    """Runner-side arguments: the kernel's real packed arrays, a random input and, per repeat, the
-    next level (repeat ``i`` measures ``levels[i % len(levels)]``)."""
+def _signature(args_info) -> str:
+    """A kernel's parameters as the runner sees them (args_info: ["TENSOR", dtype, shape] each)."""
+    return ";".join(f"{info[1]}{[int(v) for v in info[2]]}" for info in args_info)
+
+
+def _alloc_arguments(device, args_info, alloc_repeat, *, kernels, levels, seed):
+    """Runner-side arguments. A nested kernel (found by its signature in ``kernels``) gets its real
+    packed arrays, a random input and one argument set per level in ``levels`` (so its timings are
+    per level, in that order); any other function gets random data, ``alloc_repeat`` times."""
     rng = np.random.default_rng(seed)
+    specs = kernels.get(_signature(args_info))
     base = []
-    for info, spec in zip(args_info, list(specs) + [("random",)] * (len(args_info) - len(specs))):
-        # args_info: ["TENSOR", dtype, shape]
-        dtype, shape = str(info[1]), [int(s) for s in info[2]]
+    for i, info in enumerate(args_info):
+        dtype, shape = str(info[1]), [int(v) for v in info[2]]
+        spec = specs[i] if specs is not None and i < len(specs) else ("random",)
         if spec[0] == "const":
             base.append(spec[1])
         elif spec[0] == "level":
             base.append(None)
         elif dtype.startswith("float"):
             base.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype.startswith(("int", "uint")):
+            base.append(rng.integers(0, 2, shape).astype(dtype))
         else:
             base.append(np.zeros(shape, dtype))
+    sets = [np.array(lvl, "int32") for lvl in levels] if specs is not None else [None] * alloc_repeat
     out = []
-    for i in range(alloc_repeat):
-        level = np.array(levels[i % len(levels)], "int32")
+    for level in sets:
         row = []
         for a in (level if a is None else a for a in base):
             t = tvm.runtime.empty(a.shape, str(a.dtype), device)  # local or remote (RPC) device alike
@@ -256,7 +263,7 @@ def _alloc_from_specs(device, args_info, alloc_repeat, *, specs, levels, seed):
 
 
 def _rpc_alloc(session, device, args_info, alloc_repeat, **kwargs):
-    return _alloc_from_specs(device, args_info, alloc_repeat, **kwargs)
+    return _alloc_arguments(device, args_info, alloc_repeat, **kwargs)
 
 
 def _rpc_direct_session(rpc_config, *, host, port, timeout):
@@ -265,29 +272,67 @@ def _rpc_direct_session(rpc_config, *, host, port, timeout):
     return rpc.connect(host, port, session_timeout=timeout)
 
 
-def _builder(target: tvm.target.Target, runner):
+def _export_local(mod) -> str:
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="tvm_nested_tune_"), "candidate.so")
+    mod.export_library(path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _in_process_builder_class():
+    from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    kwargs = {}
+    @derived_object
+    class InProcessBuilder(ms.builder.PyBuilder):
+        """Builds candidates in this process, one after another.
+
+        MetaSchedule's LocalBuilder starts a fresh pool of worker processes for every batch, each
+        importing TVM (10-30 s on a small, shared machine) before it builds anything; that start-up
+        dominated tuning here. Candidates of the nested and dense spaces are plain loop nests whose
+        compilation does not crash, so the isolation is not worth its price. Errors are reported
+        per candidate like LocalBuilder does.
+        """
+
+        def __init__(self, f_export):
+            super().__init__()
+            self.f_export = f_export
+
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    path = self.f_export(_build_candidate(item.mod, item.target, None))
+                    results.append(ms.builder.BuilderResult(path, None))
+                except Exception as err:  # noqa: BLE001 (a failed candidate is a result, not a crash)
+                    results.append(ms.builder.BuilderResult(None, f"{type(err).__name__}: {err}"))
+            return results
+
+    return InProcessBuilder
+
+
+def _builder(target: tvm.target.Target, runner):
+    f_export = _export_local
     if runner != "local" and is_cross(target):
         arch = str(target.attrs.get("mtriple", "")).split("-")[0]
         if arch not in _CROSS_CC:
             raise ValueError(f"no known cross compiler for {target.attrs.get('mtriple')}: cannot export candidates")
-        kwargs["f_export"] = functools.partial(_export_cross, cc=_CROSS_CC[arch])
-    return ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=_BUILD_TIMEOUT_S, **kwargs)
+        f_export = functools.partial(_export_cross, cc=_CROSS_CC[arch])
+    return _in_process_builder_class()(f_export)
 
 
-def _runner(runner, *, specs=None, levels=(0,), seed=0):
-    """A MetaSchedule runner for ``runner`` ("local" | RPCSettings); real arrays when ``specs``."""
+def _runner(runner, *, kernels=None, levels=(0,), seed=0):
+    """One MetaSchedule runner for ``runner`` ("local" | RPCSettings) serving every task: nested
+    kernels (``kernels``: signature -> argument specs) are measured on real arrays at each level."""
     from tvm.s_tir import meta_schedule as ms
 
     config = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=_MIN_REPEAT_MS)
-    repeat = len(levels) if specs is not None else 1
-    alloc = {} if specs is None else {"specs": specs, "levels": list(levels), "seed": seed}
+    alloc = {"kernels": dict(kernels or {}), "levels": list(levels), "seed": seed}
     if runner == "local":
-        return ms.runner.LocalRunner(
-            timeout_sec=_RUN_TIMEOUT_S, evaluator_config=config, alloc_repeat=repeat,
-            f_alloc_argument=functools.partial(_alloc_from_specs, **alloc) if alloc else None)
+        return ms.runner.LocalRunner(timeout_sec=_RUN_TIMEOUT_S, evaluator_config=config,
+                                     f_alloc_argument=functools.partial(_alloc_arguments, **alloc))
     if not isinstance(runner, RPCSettings):
         raise TypeError(f"runner must be 'local' or tvm_nested.tune.RPCSettings, got {type(runner).__name__} "
                         "(MetaSchedule runners are not accepted: they would measure nested kernels on random indices)")
@@ -299,9 +344,8 @@ def _runner(runner, *, specs=None, levels=(0,), seed=0):
         rpc_config = ms.runner.RPCConfig(session_timeout_sec=runner.session_timeout)
         extra["f_create_session"] = functools.partial(_rpc_direct_session, host=runner.host, port=runner.port,
                                                       timeout=runner.session_timeout)
-    if alloc:
-        extra["f_alloc_argument"] = functools.partial(_rpc_alloc, **alloc)
-    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config, alloc_repeat=repeat, **extra)
+    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config, timeout_sec=_RUN_TIMEOUT_S,
+                               f_alloc_argument=functools.partial(_rpc_alloc, **alloc), **extra)
 
 
 def _workload_records(db, task_mod) -> list:
@@ -354,8 +398,15 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
     tasks = [t for t in ms.relax_integration.extract_tasks(lowered, tgt)
              if _has_loops(t.dispatched[0]["main"])]
     tasks.sort(key=lambda t: not _is_nested(t.dispatched[0]["main"]))  # nested kernels first
+    kernels = {}  # signature -> real arguments, for every nested kernel
+    for t in tasks:
+        func = t.dispatched[0]["main"]
+        if _is_nested(func):
+            infos = [a.as_json() for a in ms.arg_info.ArgInfo.from_prim_func(func)]
+            kernels[_signature(infos)] = _arg_specs(sites[t.task_name])
     _register_tensor_intrinsics(tgt)
     builder = _builder(tgt, runner)
+    measure = _runner(runner, kernels=kernels, levels=levels, seed=seed)
     db = tunelog.database(path)
     say(f"[tvm-nested tune] {len(tasks)} functions ({sum(_is_nested(t.dispatched[0]['main']) for t in tasks)} nested), "
         f"{max_trials} trials each, levels {levels}, log {path}")
@@ -367,15 +418,12 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
         before = len(_workload_records(db, task_mod))
         say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name} ({'nested ' + str(func.attrs['nested.op']) if nested else 'dense'})"
             f": {before} records in the log", flush=True)
-        if nested:
-            task_runner = _runner(runner, specs=_arg_specs(sites[task.task_name]), levels=levels, seed=seed)
-            space = cpu_space(tgt)
-        else:
-            task_runner, space = _runner(runner), "post-order-apply"
+        space = cpu_space(tgt) if nested else "post-order-apply"
         ms.tune_tir(task_mod, tgt, str(path), max_trials_global=max_trials,
-                    num_trials_per_iter=min(num_trials_per_iter, max_trials), builder=builder, runner=task_runner,
+                    num_trials_per_iter=min(num_trials_per_iter, max_trials), builder=builder, runner=measure,
                     database=db, cost_model="xgb", space=space, seed=seed,
-                    strategy=ms.search_strategy.EvolutionarySearch(max_fail_count=2))
+                    strategy=ms.search_strategy.EvolutionarySearch(
+                        population_size=max(64, min(512, 8 * max_trials)), max_fail_count=2))
         records = _workload_records(db, task_mod)
         best = _best(records)
         run_secs = [float(s) for s in best.run_secs] if best is not None else None
