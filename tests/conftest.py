@@ -25,3 +25,20 @@ def _seeded():
         torch.manual_seed(0)
     except ImportError:
         pass
+
+
+@pytest.fixture(scope="session")
+def aarch64_cc():
+    """The aarch64 cross toolchain (gcc + libc headers) for tests that link ARM libraries.
+
+    Installed through apt where the session is root (CI); otherwise missing tools skip with the reason.
+    """
+    from tvm_nested.board import BoardError, install_host_tools, missing_host_tools
+
+    need = missing_host_tools()
+    if need:
+        try:
+            install_host_tools(need)
+        except BoardError as err:
+            pytest.skip(f"aarch64 cross toolchain missing ({' '.join(need)}): {err}")
+    return "aarch64-linux-gnu-gcc"
