@@ -96,14 +96,16 @@ def staged(request):
 
 
 # ------------------------------------------------------------------------------------- the rule
-def _rule_runner(k, levels):
-    ex = tvm.compile(tvm.IRModule({"rule": reroute.reroute_rule(k, levels).with_attr("global_symbol", "rule")}), "llvm")
+def _rule_runner(k, levels, adaptive=False):
+    rule = reroute.reroute_rule(k, levels, adaptive=adaptive).with_attr("global_symbol", "rule")
+    ex = tvm.compile(tvm.IRModule({"rule": rule}), "llvm")
 
-    def run(table, elapsed_us, deadline_us, level, stage):
-        out = tvm.runtime.tensor(np.array(-7, "int32"))
-        ex["rule"](tvm.runtime.tensor(np.array(elapsed_us, "float64")), tvm.runtime.tensor(np.array(deadline_us, "float64")),
-                   tvm.runtime.tensor(np.array(level, "int32")), tvm.runtime.tensor(np.asarray(table, "float64")), stage, out)
-        return int(out.numpy())
+    def run(table, elapsed_us, deadline_us, level, stage, spent_us=0.0):
+        out, spent = tvm.runtime.tensor(np.array(-7, "int32")), tvm.runtime.tensor(np.array(-1.0, "float64"))
+        f64 = lambda v: tvm.runtime.tensor(np.array(v, "float64"))  # noqa: E731
+        ex["rule"](f64(elapsed_us), f64(deadline_us), tvm.runtime.tensor(np.array(level, "int32")), f64(spent_us),
+                   tvm.runtime.tensor(np.asarray(table, "float64")), stage, out, spent)
+        return int(out.numpy()), float(spent.numpy())
 
     return run
 
@@ -123,29 +125,47 @@ TABLE = np.array([[100.0, 60.0, 30.0], [100.0, 60.0, 30.0], [100.0, 60.0, 30.0],
     (300.0, 320.0, 1, 2, 2),    # already at 1: only sparser levels are considered
 ], ids=["fits-exactly", "just-over", "skip-a-level", "none-fits", "last-stage", "last-stage-switch",
         "deadline-0", "huge", "from-level-1"])
-def test_rule_primfunc_matches_reference(elapsed, deadline, level, stage, expected):
-    run = _rule_runner(*TABLE.shape)
-    ref = reroute.decide(TABLE, elapsed, deadline, level, stage)
+def test_table_rule_switches_exactly_where_it_should(elapsed, deadline, level, stage, expected):
+    run = _rule_runner(*TABLE.shape, adaptive=False)
+    ref, spent = reroute.decide(TABLE, elapsed, deadline, level, stage, adaptive=False)
     assert ref == expected
-    assert run(TABLE, elapsed, deadline, level, stage) == ref
+    assert run(TABLE, elapsed, deadline, level, stage) == (ref, spent)
+    assert spent == TABLE[stage - 1, level]
+
+
+def test_adaptive_rule_scales_the_prediction_by_the_observed_slowdown():
+    run = _rule_runner(*TABLE.shape, adaptive=True)
+    # as profiled (elapsed == predicted 100): same as the table rule, keep level 0 (100 + 300 <= 400)
+    assert run(TABLE, 100.0, 400.0, 0, 1) == (0, 100.0)
+    # twice slower than profiled: 200 + 2 * 300 > 800? no, = 800 fits; 201 -> 201 + 2.01 * 300 > 800
+    assert run(TABLE, 200.0, 800.0, 0, 1) == (0, 100.0)
+    assert run(TABLE, 201.0, 800.0, 0, 1)[0] == 1  # 201 + 2.01 * 180 = 562.8 fits
+    # the table rule would keep level 0 there (201 + 300 <= 800)
+    assert _rule_runner(*TABLE.shape, adaptive=False)(TABLE, 201.0, 800.0, 0, 1)[0] == 0
+    # faster than profiled never shrinks the prediction (factor >= 1); spent accumulates
+    assert run(TABLE, 10.0, 400.0, 1, 2, spent_us=100.0) == (1, 160.0)
 
 
 def test_rule_never_goes_denser_even_with_a_noisy_table():
     table = np.array([[10.0, 50.0, 5.0], [10.0, 50.0, 5.0]])  # level 1 slower than level 0 (noise)
     run = _rule_runner(2, 3)
-    # at level 1 (predicted 150 us left) with 90 us elapsed and a 105 us deadline, level 0 (10 us left)
+    # at level 1 (predicted 50 us left) with 90 us elapsed and a 105 us deadline, level 0 (10 us left)
     # would fit but is denser: never considered; the sparsest (5 us) fits
-    assert run(table, 90.0, 105.0, 1, 1) == 2
-    assert reroute.decide(table, 90.0, 105.0, 1, 1) == 2
+    assert run(table, 90.0, 105.0, 1, 1)[0] == 2
+    assert reroute.decide(table, 90.0, 105.0, 1, 1, adaptive=False)[0] == 2
 
 
-def test_rule_on_random_tables_matches_numpy():
+@pytest.mark.parametrize("adaptive", [False, True], ids=["table", "adaptive"])
+def test_rule_on_random_tables_matches_numpy(adaptive):
     rng = np.random.default_rng(0)
-    run = _rule_runner(4, 3)
+    run = _rule_runner(4, 3, adaptive)
     for _ in range(200):
         table = np.sort(rng.uniform(1, 100, (4, 3)), axis=1)[:, ::-1].copy()
-        args = (float(rng.uniform(0, 300)), float(rng.uniform(0, 400)), int(rng.integers(0, 3)), int(rng.integers(1, 4)))
-        assert run(table, *args) == reroute.decide(table, *args), args
+        args = (float(rng.uniform(0, 300)), float(rng.uniform(0, 400)), int(rng.integers(0, 3)), int(rng.integers(1, 4)),
+                float(rng.uniform(0, 200)))
+        got = run(table, *args)
+        ref = reroute.decide(table, *args, adaptive=adaptive)
+        assert got[0] == ref[0] and got[1] == pytest.approx(ref[1]), args
 
 
 # ------------------------------------------------------------------------------------- stages

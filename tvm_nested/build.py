@@ -56,15 +56,16 @@ class NestedModule:
         table = self.info.get("latency_table_us")
         return None if table is None else np.asarray(table, dtype=np.float64)
 
-    def with_latency_table(self, table) -> NestedModule:
+    def with_latency_table(self, table, *, adaptive: bool = True) -> NestedModule:
         """A new module with ``table`` (from ``tvm_nested.reroute.profile_stages``) compiled in, enabling
-        ``run_deadline``. Recompiles the lowered module: no re-lowering, no re-tuning."""
+        ``run_deadline``. Recompiles the lowered module: no re-lowering, no re-tuning. ``adaptive``: the
+        on-device rule scales the table by the slowdown it observes (``tvm_nested/reroute.py``)."""
         if self._ir is None:
             raise ValueError("this NestedModule keeps no IR to recompile: build it again with tvm_nested.build(..., "
                              "stages=K, latency_table=table)")
         if self.num_stages is None:
             raise ValueError("this module has no stages: build it with tvm_nested.build(mod, target, stages=K) first")
-        return _compile(self._ir, self.target, dict(self.info), table)
+        return _compile(self._ir, self.target, dict(self.info), table, adaptive)
 
     @property
     def num_levels(self) -> int:
@@ -211,16 +212,19 @@ def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, s
     return _compile(mod, tgt, info, latency_table)
 
 
-def _compile(mod: tvm.IRModule, tgt: tvm.target.Target, info: dict, latency_table=None) -> NestedModule:
+def _compile(mod: tvm.IRModule, tgt: tvm.target.Target, info: dict, latency_table=None,
+             adaptive: bool = True) -> NestedModule:
     lowered = mod
     mod = schedule_dense(mod, tgt)  # legalize + fuse, default CPU schedules for the dense remainder
     info.pop("latency_table_us", None)
+    info.pop("reroute_rule", None)
     if latency_table is not None:
         from .reroute import add_deadline_function, check_table
 
         table = check_table(latency_table, int(info["stages"]["num_stages"]), int(info["num_levels"]))
-        mod = add_deadline_function(mod, table, int(info["num_levels"]))
+        mod = add_deadline_function(mod, table, int(info["num_levels"]), adaptive)
         info["latency_table_us"] = table.tolist()
+        info["reroute_rule"] = "adaptive" if adaptive else "table"
     mod = _with_info_function(mod, info)
     with tgt, tvm.transform.PassContext(opt_level=3):
         executable = tvm.compile(mod, target=tgt)

@@ -13,14 +13,19 @@ calls two tiny TIR functions compiled into the same library:
 * ``nested_elapsed_us(t0_ns, stage)``: microseconds since the start (``clock_gettime(CLOCK_MONOTONIC)``
   through ``call_extern`` to libc with a stack ``timespec``: links in any TVM-exported Linux .so,
   x86-64 and aarch64 alike, and in the in-process JIT);
-* ``nested_reroute_rule(elapsed_us, deadline_us, level, table, stage)`` -- THE rule::
+* ``nested_reroute_rule(elapsed_us, deadline_us, level, spent_us, table, stage)`` -- THE rule::
 
-      rem(l) = sum(table[stage:, l])                     # predicted time of the remaining stages
+      spent  = spent_us + table[stage - 1, level]        # predicted time of the stages already run
+      f      = clamp(elapsed / spent, 1, 100) if adaptive else 1   # observed slowdown vs the profile
+      rem(l) = f * sum(table[stage:, l])                 # predicted time of the remaining stages
       if elapsed + rem(level) <= deadline: keep level
       else: the densest l in (level, L-1] with elapsed + rem(l) <= deadline, else L-1
 
   It only ever moves to a sparser level, so a noisy table cannot make it oscillate; its elapsed time
-  is an argument, so tests call the very PrimFunc the module uses with an injected clock.
+  is an argument, so tests call the very PrimFunc the module uses with an injected clock. With
+  ``adaptive=False`` it is the seed paper's rule on the profiled table as is; the default also
+  scales the prediction by how much slower than profiled the run has been so far (input
+  independent: elapsed time and the table only), which matters on a machine under varying load.
 
 The next stage gets the level tensor the rule returns: no host round trip between stages, so it works
 the same over RPC. Deadline 0: stage 0 runs at ``level``, every later stage at L-1. A huge deadline:
@@ -66,23 +71,36 @@ NO_TABLE_HELP = ("profile it on the target and rebuild: table = tvm_nested.rerou
 
 
 # ------------------------------------------------------------------------------------- TIR pieces
-def reroute_rule(num_stages: int, num_levels: int, level_dtype: str = "int32") -> tvm.tirx.PrimFunc:
-    """The decision rule as a PrimFunc (see the module docstring); ``stage`` = stages already run."""
+def reroute_rule(num_stages: int, num_levels: int, level_dtype: str = "int32", adaptive: bool = True) -> tvm.tirx.PrimFunc:
+    """The decision rule as a PrimFunc (see the module docstring); ``stage`` = stages already run.
+
+    ``spent_us`` is the table's prediction for the stages before ``stage - 1``; the rule adds the stage
+    just run (at ``level``) and returns it as ``spent_out``. ``adaptive``: predictions are scaled by
+    the observed slowdown ``clamp(elapsed / spent, 1, 100)`` (the machine is busier than when it was
+    profiled); otherwise the table is taken as is.
+    """
     if num_stages < 1 or num_levels < 1:
         raise ValueError(f"reroute_rule needs num_stages >= 1 and num_levels >= 1, got {num_stages}, {num_levels}")
     K, L = int(num_stages), int(num_levels)
+    adapt = 1 if adaptive else 0
 
     @T.prim_func(private=True)
     def rule(elapsed_us: T.Buffer((), "float64"), deadline_us: T.Buffer((), "float64"),
-             level: T.Buffer((), level_dtype), table: T.Buffer((K, L), "float64"), stage: T.int32,
-             out: T.Buffer((), level_dtype)):
+             level: T.Buffer((), level_dtype), spent_us: T.Buffer((), "float64"), table: T.Buffer((K, L), "float64"),
+             stage: T.int32, out: T.Buffer((), level_dtype), spent_out: T.Buffer((), "float64")):
         rem = T.alloc_buffer((L,), "float64")
+        factor = T.alloc_buffer((1,), "float64")
+        cur = T.max(T.min(T.Cast("int32", level[()]), L - 1), 0)
+        spent_out[()] = spent_us[()] + table[T.max(T.min(stage - 1, K - 1), 0), cur]
+        factor[0] = T.float64(1)
+        if adapt == 1 and spent_out[()] > T.float64(0):
+            factor[0] = T.min(T.max(elapsed_us[()] / spent_out[()], T.float64(1)), T.float64(100))
         for l in range(L):
             rem[l] = T.float64(0)
             for s in range(K):
                 if s >= stage:
                     rem[l] = rem[l] + table[s, l]
-        cur = T.max(T.min(T.Cast("int32", level[()]), L - 1), 0)
+            rem[l] = rem[l] * factor[0]
         out[()] = T.Cast(level_dtype, cur)
         if elapsed_us[()] + rem[cur] > deadline_us[()]:
             out[()] = T.Cast(level_dtype, L - 1)
@@ -119,16 +137,19 @@ def elapsed_us() -> tvm.tirx.PrimFunc:
     return elapsed
 
 
-def decide(table, elapsed_us_: float, deadline_us: float, level: int, stage: int) -> int:
-    """NumPy reference of ``nested_reroute_rule`` (documentation and tests)."""
+def decide(table, elapsed_us_: float, deadline_us: float, level: int, stage: int, spent_us: float = 0.0,
+           adaptive: bool = True) -> tuple[int, float]:
+    """NumPy reference of ``nested_reroute_rule``: (next level, predicted time spent so far)."""
     table = np.asarray(table, dtype=np.float64)
-    L = table.shape[1]
-    rem = table[stage:].sum(axis=0)
+    K, L = table.shape
     cur = min(max(int(level), 0), L - 1)
+    spent = spent_us + table[min(max(stage - 1, 0), K - 1), cur]
+    factor = min(max(elapsed_us_ / spent, 1.0), 100.0) if adaptive and spent > 0 else 1.0
+    rem = table[stage:].sum(axis=0) * factor
     if elapsed_us_ + rem[cur] <= deadline_us:
-        return cur
+        return cur, spent
     fits = [lvl for lvl in range(cur + 1, L) if elapsed_us_ + rem[lvl] <= deadline_us]
-    return fits[0] if fits else L - 1
+    return (fits[0] if fits else L - 1), spent
 
 
 # ------------------------------------------------------------------------------------- IR building
@@ -150,7 +171,7 @@ def check_table(table, num_stages: int, num_levels: int) -> np.ndarray:
     return t
 
 
-def add_deadline_function(mod: tvm.IRModule, table, num_levels: int) -> tvm.IRModule:
+def add_deadline_function(mod: tvm.IRModule, table, num_levels: int, adaptive: bool = True) -> tvm.IRModule:
     """Add ``main_deadline`` (stages + on-device rule over ``table``) and ``nested_latency_table``."""
     plan = read_stage_plan(mod)
     if plan is None:
@@ -163,7 +184,7 @@ def add_deadline_function(mod: tvm.IRModule, table, num_levels: int) -> tvm.IRMo
     ldt = getattr(level_ty.dtype, "dtype", str(level_ty.dtype))
 
     bb = relax.BlockBuilder(mod)
-    rule_gv = bb.add_func(reroute_rule(K, num_levels, ldt), RULE_FUNC)
+    rule_gv = bb.add_func(reroute_rule(K, num_levels, ldt, adaptive), RULE_FUNC)
     clock_gv = bb.add_func(clock_ns(ldt), CLOCK_FUNC)
     elapsed_gv = bb.add_func(elapsed_us(), ELAPSED_FUNC)
     for gv, name in ((rule_gv, RULE_FUNC), (clock_gv, CLOCK_FUNC), (elapsed_gv, ELAPSED_FUNC)):
@@ -179,6 +200,7 @@ def add_deadline_function(mod: tvm.IRModule, table, num_levels: int) -> tvm.IRMo
     with bb.function(DEADLINE_FUNC, [*params, deadline], private=False):
         t0 = bb.emit(relax.call_tir(clock_gv, [level], out_ty=relax.TensorType((), "int64")), name_hint="t0_ns")
         cur, levels, final = level, [level], None
+        spent = relax.const(0.0, "float64")
         for s, gv in enumerate(stage_gvs):
             out = bb.emit(relax.Call(gv, [env[n] for n in plan["inputs"][s]] + [cur]), name_hint=f"stage{s}")
             if s == K - 1:
@@ -189,8 +211,10 @@ def add_deadline_function(mod: tvm.IRModule, table, num_levels: int) -> tvm.IRMo
             stage_idx = relax.prim_value(tvm.tirx.IntImm("int32", s + 1))
             el = bb.emit(relax.call_tir(elapsed_gv, [t0, stage_idx], out_ty=relax.TensorType((), "float64")),
                          name_hint=f"elapsed{s + 1}")
-            cur = bb.emit(relax.call_tir(rule_gv, [el, deadline, cur, table_const, stage_idx], out_ty=scalar),
-                          name_hint=f"level{s + 1}")
+            dec = bb.emit(relax.call_tir(rule_gv, [el, deadline, cur, spent, table_const, stage_idx],
+                                         out_ty=[scalar, relax.TensorType((), "float64")]), name_hint=f"decision{s + 1}")
+            cur = bb.emit(relax.TupleGetItem(dec, 0), name_hint=f"level{s + 1}")
+            spent = bb.emit(relax.TupleGetItem(dec, 1), name_hint=f"spent{s + 1}")
             levels.append(cur)
         flat = bb.emit(relax.op.concat([relax.op.reshape(lv, relax.ShapeExpr((1,))) for lv in levels], axis=0))
         if ldt != "int32":
@@ -255,10 +279,20 @@ def profile_stages(rt_or_lib, *inputs, number: int = 5, repeat: int = 7, min_rep
         for lvl in range(L):
             res = timer(*args, tvm.runtime.tensor(np.array(lvl, level_dtype), rt.device))
             table[s, lvl] = float(np.median(np.asarray(res.results))) * 1e6
-        out = rt._vm[name](*args, tvm.runtime.tensor(np.array(0, level_dtype), rt.device))
+        out = _invoke(rt, name, [*args, tvm.runtime.tensor(np.array(0, level_dtype), rt.device)])
         if plan["outputs"][s] is not None:
             env.update(zip(plan["outputs"][s], out))
     return table
+
+
+def _invoke(rt, name: str, args: list):
+    """Call a VM function; over RPC through the stateful interface, whose outputs (nested tuples of
+    tensors) can be read from the host, where a returned remote tuple cannot be iterated."""
+    if int(rt.device.dlpack_device_type()) < 128:  # 128 = RPC session mask: a remote device
+        return rt._vm[name](*args)
+    rt._vm.set_input(name, *args)
+    rt._vm.invoke_stateful(name)
+    return rt._vm.get_outputs(name)
 
 
 def _stage_env(rt, inputs, level) -> dict:
@@ -282,7 +316,7 @@ def run_stages(rt, inputs, levels) -> list[np.ndarray]:
 
     for s, name in enumerate(plan["functions"]):
         lvl = tvm.runtime.tensor(np.array(levels[s], level_dtype), rt.device)
-        out = rt._vm[name](*[env[n] for n in plan["inputs"][s]], lvl)
+        out = _invoke(rt, name, [*[env[n] for n in plan["inputs"][s]], lvl])
         if s == K - 1:
             return _flatten(out)
         env.update(zip(plan["outputs"][s], out))
@@ -304,7 +338,7 @@ def deadline_arguments(rt, inputs, deadline_ms, level) -> list:
 
 def run_deadline(rt, inputs, deadline_ms, level=0):
     args = deadline_arguments(rt, inputs, deadline_ms, level)  # before the lookup: a clear error first
-    out = _flatten_all(rt._vm[DEADLINE_FUNC](*args))
+    out = _flatten_all(_invoke(rt, DEADLINE_FUNC, args))
     return out[:-1], out[-1].astype(np.int64)
 
 
