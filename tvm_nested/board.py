@@ -740,38 +740,14 @@ def connect(
 
     Unlike ``rpc.connect_tracker`` (retries 60 s) and ``TrackerSession.request`` (waits forever
     for a server with the key), this raises ``BoardError`` within about ``timeout`` seconds when
-    the board or tracker cannot be reached or no free server has registered ``key``.
+    the board or tracker cannot be reached, does not answer, or no free server has registered
+    ``key``. The logic lives in ``tvm_nested.deploy.connect`` (real boards use it too).
     """
-    from tvm import rpc
+    from .deploy import connect as deploy_connect
 
-    if (address is None) == (tracker is None):
-        raise ValueError("give exactly one of address= or tracker=")
-    target = address or tracker
-    what = f"board {target[0]}:{target[1]}" if address else f"tracker {target[0]}:{target[1]}"
-    try:  # a bounded reachability check: a bare connect() blocks for minutes on a dropped SYN
-        socket.create_connection(target, timeout=timeout).close()
-    except OSError as e:
-        raise BoardError(f"{what} unreachable: {e}") from e
-    if address:
-        try:
-            return rpc.connect(address[0], address[1], session_timeout=session_timeout)
-        except Exception as e:  # tvm raises InternalError / RuntimeError / TVMError
-            raise BoardError(f"{what}: RPC connect failed: {e}") from e
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            queue = rpc.connect_tracker(*tracker).summary()["queue_info"]
-        except Exception as e:
-            raise BoardError(f"{what}: not a TVM RPC tracker ({e})") from e
-        if queue.get(key, {}).get("free", 0) > 0:
-            break
-        if time.monotonic() > deadline:
-            raise BoardError(
-                f"{what}: no free server with key {key!r} after {timeout:.0f}s "
-                f"(keys: {sorted(queue) or 'none'})"
-            )
-        time.sleep(0.5)
-    return rpc.connect_tracker(*tracker).request(key, session_timeout=session_timeout, max_retry=2)
+    return deploy_connect(
+        address, tracker=tracker, key=key, timeout=timeout, session_timeout=session_timeout
+    )
 
 
 # ---------------------------------------------------------------------------------------------

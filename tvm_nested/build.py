@@ -23,8 +23,10 @@ from .runtime import NestedRuntime
 from .schedules.cpu_dense import schedule_dense
 from .target import canonical, is_cross, parse_target
 
-# Cross toolchains by target triple prefix, with the Debian package that provides each.
-_CROSS_CC = {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")}
+# Cross toolchains by target triple prefix: the compiler, the Debian packages it needs to link a .so
+# (gcc alone lacks the target's libc start files: "cannot find crti.o"), and one of those files.
+_CROSS_CC = {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu libc6-dev-arm64-cross",
+                         "/usr/aarch64-linux-gnu/lib/crti.o")}
 
 
 def _schedule_rules():
@@ -106,10 +108,11 @@ class NestedModule:
             arch = triple.split("-")[0]
             if arch not in _CROSS_CC:
                 raise ValueError(f"no known cross compiler for triple {triple!r}: pass cc='<your {triple}-gcc>'")
-            cc, package = _CROSS_CC[arch]
-            if shutil.which(cc) is None:
-                raise RuntimeError(f"cross compiler {cc!r} not found for target {triple}: install Debian's {package} "
-                                   f"(apt-get install {package}) or pass cc=")
+            cc, packages, libc = _CROSS_CC[arch]
+            if shutil.which(cc) is None or not os.path.exists(libc):
+                missing = f"cross compiler {cc!r}" if shutil.which(cc) is None else f"{libc} (the target's libc)"
+                raise RuntimeError(f"{missing} not found for target {triple}: install the Debian packages {packages} "
+                                   f"(apt-get install {packages}) or pass cc=")
         if cc is not None:
             from tvm.support import cc as tvm_cc
 

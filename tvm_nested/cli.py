@@ -49,7 +49,15 @@ def cmd_run(args) -> int:
 
     from . import load
 
-    rt = load(args.module, num_threads=args.threads)
+    if args.rpc or args.tracker:  # on a board over TVM RPC: the same runtime, the module uploaded
+        from .deploy import connect_from_args, deploy, is_emulated
+
+        session = connect_from_args(args)
+        rt = deploy(args.module, session=session, num_threads=args.threads)
+        if is_emulated(session):
+            print("NOTE: emulated board (qemu-user): latency_ms is not a performance number", file=sys.stderr)
+    else:
+        rt = load(args.module, num_threads=args.threads)
     rng = np.random.default_rng(args.seed)
     shapes = {p["name"]: p for p in rt.info["inputs"] if p["name"] != "level"}
     feeds = [rng.standard_normal(p["shape"]).astype(p["dtype"]) for p in shapes.values()]
@@ -89,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="TVM CPU threads (default: TVM's own)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    from .deploy import add_board_arguments
+
+    add_board_arguments(p, required=False)  # --rpc host:port | --tracker host:port --key K: run on a board
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="nest a model-zoo architecture, compile one module, check every level vs onnxruntime")
@@ -107,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands whose parts own their own argument parsing: name -> (module, function, help).
 DELEGATED = {
     "tune": ("tvm_nested.tune", "tune_main", "auto-tune a model with MetaSchedule into a reusable tuning log"),
+    "deploy": ("tvm_nested.deploy", "deploy_main",
+               "compile (or take a .so), upload to a board over TVM RPC, run and time every level there"),
     "board": ("tvm_nested.board", "board_main", "build, serve and inspect an emulated aarch64 board (qemu-user)"),
     "nest": ("tvm_nested.cli_train", "nest_main", "a dense PyTorch or ONNX model + densities -> a nested model"),
     "train": ("tvm_nested.cli_train", "train_main", "train a nested model with nested gradient masking (config file)"),
@@ -120,7 +133,17 @@ def main(argv=None) -> int:
 
         module, func, _ = DELEGATED[argv[0]]
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command == "run":
+        from .deploy import BoardError, check_board_arguments
+
+        check_board_arguments(ap, args)
+        try:
+            return args.func(args)
+        except BoardError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.rpc.base import RPC_SESS_MASK
 
 from .info import INFO_FUNC, check_info
 
@@ -45,6 +46,8 @@ class NestedRuntime:
             raise ValueError(f"this module was not built by tvm_nested.build (no {INFO_FUNC} function): {err}") from err
         self.info = check_info(json.loads(bytes(raw.numpy()).decode()))
         self._main = self._vm["main"]
+        # over RPC a tuple result cannot come back from vm["main"](...): the stateful calls instead
+        self._remote = int(self.device.dlpack_device_type()) >= RPC_SESS_MASK
 
     # -- what the artifact says about itself
     @property
@@ -107,11 +110,20 @@ class NestedRuntime:
     def run(self, *inputs, level) -> list[np.ndarray]:
         """Outputs of the model at ``level`` as a list of NumPy arrays."""
         args = self._arguments(inputs, self.check_level(level))
+        if self._remote:
+            self._vm.set_input("main", *args)
+            self._vm.invoke_stateful("main")
+            return _flatten(self._vm.get_outputs("main"))
         return _flatten(self._main(*args))
 
     def time(self, *inputs, level, number: int = 10, repeat: int = 3, min_repeat_ms: int = 0) -> float:
         """Mean latency of one call at ``level`` in milliseconds, timed on the device."""
         args = self._arguments(inputs, self.check_level(level))
+        if self._remote:  # timed on the board; the outputs stay there
+            self._vm.set_input("main", *args)
+            timer = self._vm.time_evaluator("invoke_stateful", self.device, number=number, repeat=repeat,
+                                            min_repeat_ms=min_repeat_ms)
+            return float(timer("main").mean * 1e3)
         timer = self._vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
         return float(timer(*args).mean * 1e3)
 

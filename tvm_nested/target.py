@@ -1,8 +1,8 @@
 """Targets as users write them, translated for TVM 0.27 (which only takes dicts, kinds and tags).
 
 Accepted: a ``tvm.target.Target``; a dict (``{"kind": "llvm", "mtriple": ...}``); a JSON string; a
-tag (``"raspberry-pi/4b-aarch64"``, ``"nvidia/nvidia-a100"``); a bare kind (``"llvm"``); or the
-classic string form (``"llvm -mtriple=aarch64-linux-gnu -mattr=+neon"``, ``"cuda -arch=sm_80"``).
+tag (``"raspberry-pi/4b-aarch64"``, ``"nvidia/nvidia-a100"``); a board preset of ``BOARD_PRESETS``
+(``"rpi4"``, ``"rpi5"``, ``"jetson-orin-cpu"``); a bare kind (``"llvm"``); or the classic string form (``"llvm -mtriple=aarch64-linux-gnu -mattr=+neon"``, ``"cuda -arch=sm_80"``).
 
 Two conventions, both because users expect them:
 * a bare ``aarch64`` triple means 64-bit ARM Linux (``aarch64-linux-gnu``), the boards users deploy to;
@@ -22,6 +22,16 @@ from tvm.target import Target, TargetKind
 
 # Bare triples users type, and what they mean on the boards we deploy to.
 _TRIPLE_ALIASES = {"aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+
+# Short names for the boards users deploy to (64-bit OS, the CPU's own core; NEON on all).
+# The Jetson's entry is its Arm CPU only (the GPU is a cuda target); num-cores is left to the caller
+# there because Orin modules have 6 to 12 cores.
+_ARM64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+BOARD_PRESETS: dict[str, dict] = {
+    "rpi4": {**_ARM64, "mcpu": "cortex-a72", "num-cores": 4},        # Raspberry Pi 4 (BCM2711)
+    "rpi5": {**_ARM64, "mcpu": "cortex-a76", "num-cores": 4},        # Raspberry Pi 5 (BCM2712)
+    "jetson-orin-cpu": {**_ARM64, "mcpu": "cortex-a78ae"},          # NVIDIA Jetson Orin, CPU side
+}
 
 
 @lru_cache(maxsize=1)
@@ -96,6 +106,8 @@ def parse_target(target) -> Target:
     text = target.strip()
     if text.startswith("{"):
         return Target(_normalise(json.loads(text)))
+    if text in BOARD_PRESETS:
+        return Target(dict(BOARD_PRESETS[text]))
     if text in _tags():
         return Target(text)
     return Target(_normalise(_parse_classic(text)))
