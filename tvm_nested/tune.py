@@ -117,7 +117,8 @@ class TuningReport:
         return [k for k in self.kernels if k.kind == "dense"]
 
     def __str__(self) -> str:
-        lines = [f"tuning log {self.log_dir} ({self.seconds:.0f} s)", "| function | kind | new records | best ms | per level ms |",
+        lines = [f"tuning log {self.log_dir} ({self.seconds:.0f} s)",
+                 "| function | kind | new records | best ms | per level ms |",
                  "|---|---|---:|---:|---|"]
         for k in self.kernels:
             best = "-" if k.best_seconds is None else f"{k.best_seconds * 1e3:.4f}"
@@ -138,7 +139,8 @@ def _legalize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 def _check_cpu(target: tvm.target.Target) -> None:
     if target.kind.name != "llvm":
-        raise ValueError(f"tuning supports llvm (CPU) targets; {target.kind.name} has no nested-kernel design space yet")
+        raise ValueError(f"tuning supports llvm (CPU) targets; {target.kind.name} has no nested-kernel "
+                         "design space yet")
 
 
 def _is_nested(func) -> bool:
@@ -344,8 +346,31 @@ def _runner(runner, *, kernels=None, levels=(0,), seed=0):
         rpc_config = ms.runner.RPCConfig(session_timeout_sec=runner.session_timeout)
         extra["f_create_session"] = functools.partial(_rpc_direct_session, host=runner.host, port=runner.port,
                                                       timeout=runner.session_timeout)
-    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config, timeout_sec=_RUN_TIMEOUT_S,
+    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config,  # time-out: session_timeout
                                f_alloc_argument=functools.partial(_rpc_alloc, **alloc), **extra)
+
+
+def _measure_defaults(db, task_mod, target, builder, runner) -> None:
+    """Measure ``schedule_cpu``'s default knobs first and record them, so the log's best for a
+    nested kernel is never worse than what an untuned build compiles (the search may not sample
+    that grid point within a small trial budget)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules.cpu import apply_knobs, default_knobs
+
+    sch = tvm.s_tir.Schedule(task_mod, debug_mask="all")
+    apply_knobs(sch, default_knobs(target))
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg is not None:
+        raise RuntimeError(f"default schedule does not build: {built.error_msg}")
+    args_info = ms.arg_info.ArgInfo.from_prim_func(task_mod["main"])
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])
+    result = future.result()
+    if result.error_msg is not None or not result.run_secs:
+        raise RuntimeError(f"default schedule does not run: {result.error_msg}")
+    workload = db.commit_workload(task_mod)
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [float(v) for v in result.run_secs],
+                                                     target, args_info))
 
 
 def _workload_records(db, task_mod) -> list:
@@ -380,7 +405,8 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
     tgt = parse_target(target)
     _check_cpu(tgt)
     if runner == "local" and is_cross(tgt):
-        raise ValueError(f"target {tgt} does not run on this machine: tune it with runner=RPCSettings(...) on the board")
+        raise ValueError(f"target {tgt} does not run on this machine: tune it on the board with "
+                         "runner=RPCSettings(...)")
     path = tunelog.open_for_tuning(work_dir, tgt)
     start = time.time()
     say = print if progress else (lambda *a, **k: None)
@@ -416,9 +442,12 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
         func = task_mod["main"]
         nested = _is_nested(func)
         before = len(_workload_records(db, task_mod))
-        say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name} ({'nested ' + str(func.attrs['nested.op']) if nested else 'dense'})"
+        kind = f"nested {func.attrs['nested.op']}" if nested else "dense"
+        say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name} ({kind})"
             f": {before} records in the log", flush=True)
         space = cpu_space(tgt) if nested else "post-order-apply"
+        if nested and before == 0:
+            _measure_defaults(db, task_mod, tgt, builder, measure)
         ms.tune_tir(task_mod, tgt, str(path), max_trials_global=max_trials,
                     num_trials_per_iter=min(num_trials_per_iter, max_trials), builder=builder, runner=measure,
                     database=db, cost_model="xgb", space=space, seed=seed,
@@ -437,7 +466,8 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
         r = results[-1]
         say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name}: +{r.trials} records, best "
             + ("-" if r.best_seconds is None else f"{r.best_seconds * 1e3:.4f} ms")
-            + ("" if per_level is None else " (" + ", ".join(f"L{lv} {s * 1e3:.4f}" for lv, s in zip(levels, per_level)) + ")"),
+            + ("" if per_level is None
+               else " (" + ", ".join(f"L{lv} {s * 1e3:.4f}" for lv, s in zip(levels, per_level)) + ")"),
             flush=True)
     report = TuningReport(str(path), str(tgt), results, time.time() - start)
     say(str(report))
@@ -483,7 +513,8 @@ def tune_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 
 def tune_main(argv=None) -> int:
-    """``tvm-nested tune model.onnx|.pt2 --target ... --log DIR --trials N [--rpc-tracker h:p --rpc-key K | --rpc h:p]``."""
+    """``tvm-nested tune model.onnx|.pt2 --target ... --log DIR --trials N``
+    ``[--rpc-tracker host:port --rpc-key K | --rpc host:port]``; returns the exit status."""
     from .cli import _load_model
 
     args = tune_parser().parse_args(argv)
