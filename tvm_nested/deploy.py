@@ -114,7 +114,7 @@ def connect(rpc=None, *, tracker=None, key: str | None = None, timeout: float = 
             time.sleep(0.5)
         return tvm_rpc.connect_tracker(*target).request(key, session_timeout=session_timeout, max_retry=2)
 
-    return _bounded(via_tracker, max(deadline - time.monotonic(), 1.0) + 5.0, what)
+    return _bounded(via_tracker, max(deadline - time.monotonic(), 1.0) + 2.0, what)
 
 
 def is_emulated(session) -> bool:

@@ -343,7 +343,9 @@ def _runner(runner, *, kernels=None, levels=(0,), seed=0):
         rpc_config = ms.runner.RPCConfig(tracker_host=runner.tracker_host, tracker_port=runner.tracker_port,
                                          tracker_key=runner.key, session_timeout_sec=runner.session_timeout)
     else:
-        rpc_config = ms.runner.RPCConfig(session_timeout_sec=runner.session_timeout)
+        # RPCConfig insists on tracker fields; the board's address stands in (f_create_session connects directly)
+        rpc_config = ms.runner.RPCConfig(tracker_host=runner.host, tracker_port=runner.port, tracker_key="direct",
+                                         session_timeout_sec=runner.session_timeout)
         extra["f_create_session"] = functools.partial(_rpc_direct_session, host=runner.host, port=runner.port,
                                                       timeout=runner.session_timeout)
     return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config,  # time-out: session_timeout
