@@ -24,7 +24,8 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.target.codegen import llvm_cpu_has_features
 
-from .kernels import ATTR_KERNEL, ATTR_LANES, ATTR_OP, KERNEL_VERSION, with_lanes
+from .kernels import (ATTR_CONV, ATTR_KERNEL, ATTR_LANES, ATTR_LAYOUT, ATTR_OP, KERNEL_VERSION,
+                      specialize_conv, with_lanes)
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,64 @@ def _tail(sch: Schedule):
         return None
 
 
+def _has_block(sch: Schedule, name: str):
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - tvm raises a ScheduleError subclass
+        return None
+
+
+def _parallel_outer(sch: Schedule, block, keep: int = 1) -> None:
+    """Fuse all but the ``keep`` innermost loops of ``block`` and run them in parallel."""
+    loops = sch.get_loops(block)
+    outer = loops[:-keep] if keep else loops
+    if not outer:
+        return
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(fused)
+
+
+def _apply_flat(sch: Schedule, knobs: CPUKnobs) -> None:
+    """The flat conv layout (``kernels.nested_conv2d_flat``): staging parallel over planes; rows
+    parallel; the tile of positions vectorised inside the data-dependent loop; the dense path (if
+    compiled in) parallel over its channel blocks with a vectorised, register-blocked tile."""
+    _parallel_outer(sch, sch.get_sblock("stage"))
+    row = sch.get_sblock("row")
+    loops = sch.get_loops(row)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if knobs.rows_per_task > 1:
+        fused, _ = sch.split(fused, [None, knobs.rows_per_task])
+    sch.parallel(fused)
+    if knobs.unroll:
+        sch.annotate(fused, "pragma_auto_unroll_max_step", knobs.unroll)
+        sch.annotate(fused, "pragma_unroll_explicit", 1)
+    update = sch.get_sblock("update")
+    sch.set_scope(update, 0, "global")
+    j_loop = sch.get_loops(update)[-2]
+    _vectorize_dense(sch, update, knobs)
+    sch.decompose_reduction(update, j_loop)
+    if _has_block(sch, "dense_row") is not None:
+        zero = sch.get_sblock("dense_zero")
+        _parallel_outer(sch, zero)
+        _vectorize_dense(sch, zero, knobs)
+        # "dense_scatter" stays serial: nnz stores (an opaque block: no parallel loop over it)
+        drow = sch.get_sblock("dense_row")
+        loops = sch.get_loops(drow)
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+        dupd = sch.get_sblock("dense_update")
+        sch.set_scope(dupd, 0, "global")
+        dl = sch.get_loops(dupd)
+        ci = dl[-5]
+        sch.vectorize(dl[-1])
+        sch.unroll(dl[-2])
+        sch.decompose_reduction(dupd, ci)
+
+
 def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
     """Schedule a nested kernel in place with ``knobs`` (the body of a ScheduleFn space too)."""
+    if str(sch.mod["main"].attrs.get(ATTR_LAYOUT, "rows")) == "flat":
+        _apply_flat(sch, knobs)
+        return
     blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
     # staging copy of the input: parallel over its outer loops
     for name in ("x_t", "pad"):
@@ -186,20 +243,38 @@ def _fresh_copy(func):
     return tvm.ir.load_json(tvm.ir.save_json(func))
 
 
+def specialize_cpu(func, target, knobs: CPUKnobs | None = None):
+    """The CPU structure of a nested kernel (same params): a linear kernel gets its partial sums
+    (``linear_lanes``, when it has none yet), a conv kernel in the rows layout the flat layout
+    (``kernels.nested_conv2d_flat``: full-width contiguous vectors, strides by phase planes).
+    A kernel already specialised, or any other function, is returned as it is. ``build`` and
+    ``tune`` call this BEFORE tuning and applying a log, so a log records the kernel that runs."""
+    if not is_nested_kernel(func):
+        return func
+    target = _as_target(target)
+    knobs = knobs or default_knobs(target)
+    op = str(func.attrs[ATTR_OP])
+    if op == "linear" and int(func.attrs.get(ATTR_LANES, 1)) == 1:
+        lanes = linear_lanes(int(func.params[0].ty.shape[0]), knobs)
+        if lanes > 1:
+            return with_lanes(func, lanes)  # a new function: the input stays intact
+    if (op == "conv2d" and str(func.attrs.get(ATTR_LAYOUT, "rows")) == "rows"
+            and ATTR_CONV in func.attrs):
+        return specialize_conv(func, "flat")
+    return func
+
+
 def schedule_cpu(func, target, knobs: CPUKnobs | None = None):
     """Schedule a nested kernel for an llvm (CPU) target; None when the rule does not apply."""
     target = _as_target(target)
     if target.kind.name != "llvm" or not is_nested_kernel(func):
         return None
     knobs = knobs or default_knobs(target)
-    if str(func.attrs[ATTR_OP]) == "linear" and int(func.attrs.get(ATTR_LANES, 1)) == 1:
-        lanes = linear_lanes(int(func.params[0].ty.shape[0]), knobs)
-        if lanes > 1:
-            func = with_lanes(func, lanes)  # a new function: the input stays intact
+    func = specialize_cpu(func, target, knobs)
     sch = Schedule(_fresh_copy(func))
     apply_knobs(sch, knobs)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 __all__ = ["CPUKnobs", "CPU_KNOBS", "target_family", "default_knobs", "is_nested_kernel",
-           "apply_knobs", "schedule_cpu", "linear_lanes"]
+           "apply_knobs", "schedule_cpu", "specialize_cpu", "linear_lanes"]

@@ -83,6 +83,9 @@ def _attrs(op: str, fmt: NestedCSR | None, dense_extent: int, num_levels: int | 
 
 
 # ---------------------------------------------------------------------------------------- linear
+ATTR_CONV = "nested.conv"  # conv: [KH, KW, SH, SW, PT, PL, PB, PR, DH, DW, groups]
+ATTR_LAYOUT = "nested.layout"  # conv: "rows" (tiles of output rows) | "flat" (flat padded positions)
+ATTR_DENSE_LEVELS = "nested.dense_levels"  # levels that run the dense path (scatter + dense kernel)
 ATTR_LANES = "nested.lanes"  # linear: interleaved partial sums per row (1: the plain structure)
 ATTR_MAX_LEN = "nested.max_len"  # longest row (level 0): domain of the in-row reduction index
 
@@ -302,7 +305,8 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
     NNZ = int(fmt.values.shape[0])
     MAXLEN = max(1, int(fmt.level_len[0].max()))  # domain of the in-row reduction index
     cdt, ldt = str(fmt.col.dtype), str(fmt.level_len.dtype)
-    attrs = _attrs("conv2d", fmt, OW, **{"nested.tile_rows": TR})
+    attrs = _attrs("conv2d", fmt, OW, **{"nested.tile_rows": TR, ATTR_MAX_LEN: MAXLEN,
+                                         ATTR_CONV: [KH, KW, SH, SW, PT, PL, PB, PR, DH, DW, G]})
 
     @T.macro
     def body(x, val, col, row_ptr, level_len, bias, level, out):
@@ -373,5 +377,251 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
     return nested_conv2d
 
 
-__all__ = ["nested_linear", "with_lanes", "ATTR_LANES", "ATTR_MAX_LEN", "nested_conv2d", "conv2d_output_shape", "ATTR_OP", "ATTR_NUM_LEVELS",
+# ----------------------------------------------------------------------------- conv2d, flat layout
+_FLAT_TILE = 64  # output positions per "row" block of the flat layout (a multiple of 8)
+
+
+def _dense_mask(dense_levels, L: int) -> int:
+    mask = 0
+    for lvl in dense_levels or ():
+        lvl = _pos_int("dense level", lvl, 0)
+        if lvl >= L:
+            raise ValueError(f"dense level {lvl} >= num_levels={L}")
+        mask |= 1 << lvl
+    return mask
+
+
+def flat_geometry(x_shape, kernel_size, strides, padding, dilation) -> dict:
+    """Sizes of the flat layout (see ``nested_conv2d_flat``)."""
+    N, C, H, W = x_shape
+    KH, KW = kernel_size
+    SH, SW = strides
+    PT, PL, PB, PR = padding
+    DH, DW = dilation
+    _, _, OH, OW = conv2d_output_shape(x_shape, 1, kernel_size, strides, padding, dilation)
+    nph = max((kh * DH) % SH for kh in range(KH)) + 1  # phases of the input rows some tap reads
+    npw = max((kw * DW) % SW for kw in range(KW)) + 1
+    msh, msw = (KH - 1) * DH // SH, (KW - 1) * DW // SW  # largest shift inside a phase plane
+    PH2, PW2 = OH + msh, OW + msw  # one phase plane
+    P = OH * PW2  # flat output positions (PW2 - OW of every PW2 are dropped at the store)
+    NT = -(-P // _FLAT_TILE)
+    TP = -(-(-(-P // NT)) // 8) * 8
+    plane = PH2 * PW2
+    chs = nph * npw * plane  # per input channel
+    slack = NT * TP - P + msw  # read past the last plane by the last tile's dropped positions
+    return dict(OH=OH, OW=OW, NPH=nph, NPW=npw, PH2=PH2, PW2=PW2, P=P, NT=NT, TP=TP, PLANE=plane,
+                CHS=chs, SLACK=slack, XS=C * chs + slack)
+
+
+def nested_conv2d_flat(fmt: NestedCSR, x_shape, kernel_size, strides, padding, dilation, groups,
+                       has_bias, dense_levels=()):
+    """Nested sparse conv2d in the *flat* layout (CPU): same params and numerics as ``nested_conv2d``.
+
+    The input is staged (``"stage"``, plus ``"stage_tail"`` zeroing the slack) into one zero-padded
+    plane per input channel and stride phase: ``xs[n, ((c * NPH + ph) * NPW + pw) * PLANE + i * PW2
+    + j] = xpad[n, c, i * SH + ph, j * SW + pw]``. Tap ``(kh, kw)`` of output ``(oh, ow)`` then reads
+    ``xs[.., base(c, kh, kw) + oh * PW2 + ow]``: a stride-1 access. Output positions are flattened
+    as ``q = oh * PW2 + ow`` over full padded rows (the ``PW2 - OW`` extra columns are computed and
+    dropped at the store), and a ``"row"`` block is one output channel x a tile of ``TP`` (a multiple
+    of 8) consecutive positions, so every vector load of ``"update"`` is contiguous and full width.
+
+    ``dense_levels``: levels that take the dense path instead (``"dense_zero"``/``"dense_scatter"``
+    scatter the level's prefix into a zeroed ``[O, cols]`` workspace, then ``"dense_row"`` runs a
+    dense direct conv blocked over ``DOB`` output channels x ``DTP`` positions on it); the test is a
+    bit mask of the (clamped) level, a constant of the kernel. No weight is stored twice.
+    """
+    fmt = _check_fmt(fmt)
+    N, C, H, W = _int_tuple("x_shape", x_shape, 4, 1)
+    KH, KW = _int_tuple("kernel_size", kernel_size, 2, 1)
+    SH, SW = _int_tuple("strides", strides, 2, 1)
+    DH, DW = _int_tuple("dilation", dilation, 2, 1)
+    if not isinstance(padding, int) and len(tuple(padding)) == 2:
+        padding = tuple(padding) * 2
+    PT, PL, PB, PR = _int_tuple("padding", padding, 4, 0)
+    G = _pos_int("groups", groups)
+    if not isinstance(has_bias, bool):
+        raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
+    if C % G or fmt.rows % G:
+        raise ValueError(f"groups={G} does not divide C={C} and O={fmt.rows}")
+    if fmt.cols != C // G * KH * KW:
+        raise ValueError(f"fmt.cols={fmt.cols} != C/groups*KH*KW = {C // G * KH * KW}")
+    return _conv_flat_func(fmt.rows, fmt.num_levels, int(fmt.values.shape[0]),
+                           max(1, int(fmt.level_len[0].max())), str(fmt.col.dtype),
+                           str(fmt.level_len.dtype), (N, C, H, W), (KH, KW), (SH, SW),
+                           (PT, PL, PB, PR), (DH, DW), G, has_bias,
+                           _dense_mask(dense_levels, fmt.num_levels))
+
+
+def specialize_conv(func, layout: str = "flat", dense_levels=None):
+    """The same conv kernel (same params) in ``layout`` with ``dense_levels`` (None: keep them).
+
+    Everything the factory needs is in the signature and the attrs (``nested.conv``, ``max_len``).
+    """
+    attrs = func.attrs
+    if attrs is None or str(attrs.get(ATTR_OP, "")) != "conv2d" or ATTR_CONV not in attrs:
+        raise ValueError("specialize_conv expects a nested conv2d kernel with the nested.conv attr")
+    if layout != "flat":
+        raise ValueError(f"specialize_conv: only the 'flat' layout is re-specialised, got {layout!r}")
+    shapes = {p.name: [int(d) for d in p.ty.shape] for p in func.params}
+    dtypes = {p.name: str(getattr(p.ty.dtype, "dtype", p.ty.dtype)) for p in func.params}
+    KH, KW, SH, SW, PT, PL, PB, PR, DH, DW, G = (int(v) for v in attrs[ATTR_CONV])
+    L, O = shapes["level_len"]
+    if dense_levels is None:
+        mask = int(attrs.get(ATTR_DENSE_LEVELS + "_mask", 0))
+    else:
+        mask = _dense_mask(dense_levels, L)
+    return _conv_flat_func(O, L, shapes["val"][0], int(attrs[ATTR_MAX_LEN]), dtypes["col"],
+                           dtypes["level_len"], tuple(shapes["x"]), (KH, KW), (SH, SW),
+                           (PT, PL, PB, PR), (DH, DW), G, "bias" in shapes, mask)
+
+
+def dense_levels_of(func) -> list[int]:
+    """Levels a kernel runs on its dense path (empty: all sparse)."""
+    attrs = func.attrs
+    mask = int(attrs.get(ATTR_DENSE_LEVELS + "_mask", 0)) if attrs is not None else 0
+    return [lvl for lvl in range(64) if mask >> lvl & 1]
+
+
+def _conv_flat_func(O, L, NNZ, MAXLEN, cdt, ldt, x_shape, ksize, strides, padding, dilation, G,
+                    has_bias, dmask):
+    N, C, H, W = x_shape
+    KH, KW = ksize
+    SH, SW = strides
+    PT, PL, PB, PR = padding
+    DH, DW = dilation
+    g = flat_geometry(x_shape, ksize, strides, padding, dilation)
+    OH, OW, NPH, NPW, PH2, PW2 = g["OH"], g["OW"], g["NPH"], g["NPW"], g["PH2"], g["PW2"]
+    P, NT, TP, PLANE, CHS, SLACK, XS = (g[k] for k in ("P", "NT", "TP", "PLANE", "CHS", "SLACK", "XS"))
+    CG, OG, KHW = C // G, O // G, KH * KW
+    K = CG * KHW
+    DOB = next(d for d in (4, 3, 2, 1) if OG % d == 0)  # dense path: output channels per block
+    DTP = 16 if TP % 16 == 0 else 8  # dense path: positions per block
+    attrs = _attrs("conv2d", None, TP, num_levels=L, **{
+        ATTR_MAX_LEN: MAXLEN, ATTR_CONV: [KH, KW, SH, SW, PT, PL, PB, PR, DH, DW, G],
+        ATTR_LAYOUT: "flat", "nested.tile_positions": TP, ATTR_DENSE_LEVELS + "_mask": dmask})
+
+    def tap(c):  # offset of stored column c = (ci, kh, kw) inside its group's staged input
+        kh = c % KHW // KW * DH
+        kw = c % KW * DW
+        return (c // KHW * CHS + (kh % SH * NPW + kw % SW) * PLANE + kh // SH * PW2 + kw // SW)
+
+    def lvl_of(level):
+        return T.max(0, T.min(level[()], L - 1))
+
+    @T.macro
+    def sparse(xs, val, col, row_ptr, level_len, bias, level, out):
+        for n, o, t in T.grid(N, O, NT):
+            with T.sblock("row"):
+                vn, vo, vt = T.axis.remap("SSS", [n, o, t])
+                acc = T.sblock_alloc_buffer((TP,), "float32", scope="local")
+                for j in range(T.Cast("int32", level_len[lvl_of(level), vo])):
+                    for p in range(TP):
+                        with T.sblock("update"):
+                            vp = T.axis.spatial(TP, p)
+                            vj = T.axis.reduce(MAXLEN, j)
+                            with T.init():
+                                acc[vp] = T.float32(0)
+                            acc[vp] = acc[vp] + val[row_ptr[vo] + vj] * xs[
+                                vn, vo // OG * CG * CHS + tap(T.Cast("int32", col[row_ptr[vo] + vj]))
+                                + vt * TP + vp]
+                for p in range(TP):
+                    with T.sblock("store"):
+                        vp = T.axis.spatial(TP, p)
+                        if vt * TP + vp < P and (vt * TP + vp) % PW2 < OW:
+                            if has_bias:
+                                out[vn, vo, (vt * TP + vp) // PW2, (vt * TP + vp) % PW2] = T.if_then_else(
+                                    level_len[lvl_of(level), vo] > T.Cast(ldt, 0), acc[vp],
+                                    T.float32(0)) + bias[vo]
+                            else:
+                                out[vn, vo, (vt * TP + vp) // PW2, (vt * TP + vp) % PW2] = T.if_then_else(
+                                    level_len[lvl_of(level), vo] > T.Cast(ldt, 0), acc[vp],
+                                    T.float32(0))
+
+    @T.macro
+    def dense(xs, val, col, row_ptr, level_len, bias, level, out):
+        wd = T.sblock_alloc_buffer((O, K), "float32")
+        for o, k in T.grid(O, K):
+            with T.sblock("dense_zero"):
+                vo, vk = T.axis.remap("SS", [o, k])
+                wd[vo, vk] = T.float32(0)
+        for o in range(O):
+            for j in range(T.Cast("int32", level_len[lvl_of(level), o])):
+                with T.sblock("dense_scatter"):
+                    vo = T.axis.spatial(O, o)
+                    vj = T.axis.opaque(MAXLEN, j)
+                    T.reads(val[row_ptr[vo] + vj], col[row_ptr[vo] + vj], row_ptr[vo])
+                    T.writes(wd[vo, 0:K])
+                    wd[vo, T.Cast("int32", col[row_ptr[vo] + vj])] = val[row_ptr[vo] + vj]
+        for n, ob, t, tp in T.grid(N, O // DOB, NT, TP // DTP):
+            with T.sblock("dense_row"):
+                vn, vob, vt, vtp = T.axis.remap("SSSS", [n, ob, t, tp])
+                dacc = T.sblock_alloc_buffer((DOB, DTP), "float32", scope="local")
+                for ci, kh, kw, u, p in T.grid(CG, KH, KW, DOB, DTP):
+                    with T.sblock("dense_update"):
+                        vci, vkh, vkw, vu, vp = T.axis.remap("RRRSS", [ci, kh, kw, u, p])
+                        with T.init():
+                            dacc[vu, vp] = T.float32(0)
+                        dacc[vu, vp] = dacc[vu, vp] + wd[vob * DOB + vu, vci * KHW + vkh * KW + vkw] * xs[
+                            vn, (vob * DOB) // OG * CG * CHS + vci * CHS
+                            + ((vkh * DH) % SH * NPW + (vkw * DW) % SW) * PLANE
+                            + (vkh * DH) // SH * PW2 + (vkw * DW) // SW + vt * TP + vtp * DTP + vp]
+                for u, p in T.grid(DOB, DTP):
+                    with T.sblock("dense_store"):
+                        vu, vp = T.axis.remap("SS", [u, p])
+                        if vt * TP + vtp * DTP + vp < P and (vt * TP + vtp * DTP + vp) % PW2 < OW:
+                            if has_bias:
+                                out[vn, vob * DOB + vu, (vt * TP + vtp * DTP + vp) // PW2,
+                                    (vt * TP + vtp * DTP + vp) % PW2] = dacc[vu, vp] + bias[vob * DOB + vu]
+                            else:
+                                out[vn, vob * DOB + vu, (vt * TP + vtp * DTP + vp) // PW2,
+                                    (vt * TP + vtp * DTP + vp) % PW2] = dacc[vu, vp]
+
+    @T.macro
+    def body(x, val, col, row_ptr, level_len, bias, level, out):
+        T.func_attr(attrs)
+        xs = T.sblock_alloc_buffer((N, XS), "float32")
+        for n, c, ph, pw, i, jj in T.grid(N, C, NPH, NPW, PH2, PW2):
+            with T.sblock("stage"):
+                vn, vc, vph, vpw, vi, vjj = T.axis.remap("SSSSSS", [n, c, ph, pw, i, jj])
+                xs[vn, ((vc * NPH + vph) * NPW + vpw) * PLANE + vi * PW2 + vjj] = T.if_then_else(
+                    PT <= vi * SH + vph and vi * SH + vph < H + PT
+                    and PL <= vjj * SW + vpw and vjj * SW + vpw < W + PL,
+                    x[vn, vc, T.min(T.max(vi * SH + vph - PT, 0), H - 1),
+                      T.min(T.max(vjj * SW + vpw - PL, 0), W - 1)],
+                    T.float32(0))
+        for n, s in T.grid(N, SLACK):
+            with T.sblock("stage_tail"):
+                vn, vs = T.axis.remap("SS", [n, s])
+                xs[vn, C * CHS + vs] = T.float32(0)
+        if dmask == 0:
+            sparse(xs, val, col, row_ptr, level_len, bias, level, out)
+        else:
+            if (T.shift_right(dmask, lvl_of(level)) & 1) == 0:
+                sparse(xs, val, col, row_ptr, level_len, bias, level, out)
+            else:
+                dense(xs, val, col, row_ptr, level_len, bias, level, out)
+
+    if has_bias:
+        @T.prim_func(s_tir=True)
+        def nested_conv2d_bias(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
+                               col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
+                               level_len: T.Buffer((L, O), ldt), bias: T.Buffer((O,), "float32"),
+                               level: T.Buffer((), "int32"),
+                               out: T.Buffer((N, O, OH, OW), "float32")):
+            body(x, val, col, row_ptr, level_len, bias, level, out)
+
+        return nested_conv2d_bias
+
+    @T.prim_func(s_tir=True)
+    def nested_conv2d(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
+                      col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
+                      level_len: T.Buffer((L, O), ldt), level: T.Buffer((), "int32"),
+                      out: T.Buffer((N, O, OH, OW), "float32")):
+        body(x, val, col, row_ptr, level_len, None, level, out)
+
+    return nested_conv2d
+
+
+__all__ = ["nested_conv2d_flat", "specialize_conv", "flat_geometry", "dense_levels_of",
+           "ATTR_LAYOUT", "ATTR_DENSE_LEVELS", "ATTR_CONV", "nested_linear", "with_lanes", "ATTR_LANES", "ATTR_MAX_LEN", "nested_conv2d", "conv2d_output_shape", "ATTR_OP", "ATTR_NUM_LEVELS",
            "ATTR_KERNEL", "ATTR_DENSE_EXTENT"]

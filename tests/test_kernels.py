@@ -25,6 +25,7 @@ from tvm_nested.schedules import (
     schedule_cpu,
     target_family,
 )
+from tvm_nested.schedules.kernels import dense_levels_of, specialize_conv
 
 HOST = tvm.target.Target("llvm")
 AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
@@ -144,7 +145,16 @@ CONV_CASES = {
                            has_bias=True),
     "all_pruned": ConvCase((1, 2, 5, 5), 3, (3, 3), has_bias=True, kind="all_pruned"),
     "layer_max_below_L": ConvCase((1, 3, 6, 5), 4, (2, 2), num_levels=5, kind="below_model_L"),
+    "stem_7x7_s2": ConvCase((1, 3, 15, 15), 4, (7, 7), strides=(2, 2), padding=(3, 3, 3, 3),
+                            has_bias=True),
+    "s3x2_d2x1": ConvCase((1, 2, 13, 12), 3, (3, 3), strides=(3, 2), padding=(1, 2, 1, 0),
+                          dilation=(2, 1)),
+    "1x1_s2_14": ConvCase((1, 8, 14, 14), 8, (1, 1), strides=(2, 2), has_bias=True),
 }
+# conv only: the rows layout as built (unscheduled; schedule_cpu turns it into the flat one), the
+# flat layout unscheduled, and the dense path (scatter + dense conv) forced at some / every level
+CONV_VARIANTS = VARIANTS + ["flat_unscheduled", "flat_dense1_unscheduled", "flat_dense1_scheduled",
+                            "flat_dense_all_scheduled"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,9 +170,15 @@ def _conv(case_id: str, variant: str):
     fmt = NestedCSR.pack(w.reshape(c.out_channels, -1), lm.reshape(c.out_channels, -1), c.num_levels)
     func = nested_conv2d(fmt, c.x_shape, c.kernel_size, c.strides, c.padding, c.dilation, c.groups,
                          c.has_bias)
-    if variant == "scheduled":
+    if variant.startswith("flat"):
+        dense = {"dense1": [min(1, c.num_levels - 1)], "dense_all": list(range(c.num_levels))}
+        func = specialize_conv(func, "flat", dense_levels=next(
+            (v for k, v in dense.items() if f"_{k}_" in variant), []))
+        assert dense_levels_of(func) == next((v for k, v in dense.items() if f"_{k}_" in variant), [])
+    if variant.endswith("scheduled") and not variant.endswith("unscheduled"):
         func = schedule_cpu(func, HOST)
         assert func is not None
+        assert str(func.attrs["nested.layout"]) == "flat"
     ex = tvm.compile(func, target=HOST)
     out_shape = conv2d_output_shape(c.x_shape, c.out_channels, c.kernel_size, c.strides, c.padding,
                                     c.dilation)
@@ -175,7 +191,7 @@ def _conv(case_id: str, variant: str):
     return call, (x, w, lm, bias), c
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CONV_VARIANTS)
 @pytest.mark.parametrize("case_id", list(CONV_CASES))
 def test_conv2d_every_level(case_id, variant):
     call, (x, w, lm, bias), c = _conv(case_id, variant)
