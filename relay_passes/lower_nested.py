@@ -172,6 +172,7 @@ def _lower_module(mod: tvm.IRModule) -> tvm.IRModule:
             lowerer.builder_.update_func(gv, kernel.with_attr("global_symbol", gv.name_hint))
         lowerer.plans[layer.var] = _Plan(layer, fmt, gv)
         records.append(_info_record(layer, fmt, num_levels))
+        records[-1]["kernel"] = None if gv is None else gv.name_hint  # build records its choice
 
     for gv, _ in found:
         new_func = lowerer.visit_expr(mod[gv])

@@ -100,7 +100,9 @@ def test_build_from_log_measures_nothing_and_uses_the_records(tuned, monkeypatch
     # the nested kernels build compiles are the log's best schedules, and tvm.compile's own
     # legalization (run again inside build) leaves them as they are
     target = lib.target
-    lowered = pipeline.lower(mod)
+    from tvm_nested.schedules.choice import load_choices, specialize_module
+
+    lowered, _ = specialize_module(pipeline.lower(mod), target, load_choices(log))  # as build does
     applied = apply_tuning_log(lowered, target, log)
     db = tunelog.database(log)
     plain = _legalize(lowered, target)

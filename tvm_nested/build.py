@@ -199,6 +199,14 @@ def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, s
     tgt = parse_target(target)
     mod = pipeline.lower(mod, dump_dir)
     info = _collect_info(mod, tgt)
+    # the CPU structure of every nested kernel and its sparse-or-dense table per level (from the
+    # tuning log; all sparse when untuned), before the log is applied: the log keys on them
+    from .schedules.choice import load_choices, specialize_module
+
+    mod, chosen = specialize_module(mod, tgt, load_choices(tuning_log) if tuning_log is not None else None)
+    for layer in info["layers"]:
+        if layer.get("kernel") in chosen:
+            layer["dense_levels"] = chosen[layer["kernel"]]
     if not info["layers"]:
         warnings.warn("no nested layer recognised: the model is compiled dense, with one level", stacklevel=2)
     if tuning_log is not None:

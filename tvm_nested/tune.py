@@ -413,7 +413,16 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
     start = time.time()
     say = print if progress else (lambda *a, **k: None)
 
-    lowered = _legalize(pipeline.lower(mod), tgt)
+    # CPU structure of the kernels (lanes, flat conv) and the sparse-or-dense choice per layer and
+    # level, measured here (local runner), so the log records the kernels build compiles
+    from .schedules import choice
+
+    lowered, _ = choice.specialize_module(pipeline.lower(mod), tgt)
+    if runner == "local":
+        measured = choice.measure_choices(lowered, tgt, levels, progress=say)
+        choice.save_choices(path, measured, str(tgt))
+    lowered, _ = choice.apply_choices(lowered, choice.load_choices(path))
+    lowered = _legalize(lowered, tgt)
     from .relay_passes.lower_nested import read_nested_info
 
     info = read_nested_info(lowered) or {"num_levels": 1}
