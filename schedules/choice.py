@@ -121,7 +121,7 @@ def _time_kernel(func, target, args, levels, number, repeat) -> list[float]:
     dev = tvm.cpu()
     tensors = []
     for a, p in zip(args, func.params):
-        if isinstance(a, tvm.relax.Constant):
+        if isinstance(a, tvm.ir.Constant):
             tensors.append(tvm.runtime.tensor(a.value.numpy(), dev))
         elif p.name == "level":
             tensors.append(None)
