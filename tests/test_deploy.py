@@ -63,12 +63,6 @@ def nested(tmp_path_factory, aarch64_cc):
             "pt2": str(pt2), "root": root}
 
 
-def _release(rt) -> None:
-    """Drop a remote runtime: the board's server is free for the next client once the session closes."""
-    del rt
-    gc.collect()
-
-
 # ----------------------------------------------------------------------------------- targets
 @pytest.mark.parametrize("target", ["rpi4", "rpi5", "jetson-orin-cpu", "raspberry-pi/4b-aarch64",
                                     "llvm -mtriple=aarch64-linux-gnu -mattr=+neon -mcpu=cortex-a72"])
@@ -115,14 +109,16 @@ def test_every_level_on_the_board_matches_the_host_build(via, nested, request):
         rt.run(nested["x"], level=len(DENSITIES))
     rows = dp.time_levels(rt, nested["x"], number=2, repeat=1)
     assert [r["level"] for r in rows] == [0, 1, 2] and all(r["ms"] > 0 for r in rows)
-    _release(rt)
+    del rt  # the board's server is free for the next client once the session is collected
+    gc.collect()
 
 
 def test_board_is_aarch64_and_reported_as_emulated(board_server):
     session = dp.connect(board_server.address)
     assert dp.board_triple(session).startswith("aarch64")
     assert dp.is_emulated(session)
-    _release(session)
+    del session
+    gc.collect()
 
 
 def test_host_build_is_refused_by_the_board(nested, board_server):
@@ -216,7 +212,8 @@ def test_remote_tuning_log_is_reused_for_the_board_and_refused_elsewhere(board_t
         for lvl in range(2):
             np.testing.assert_allclose(rt.run(x.numpy(), level=lvl)[0], model(x, level=torch.tensor(lvl)).numpy(),
                                        rtol=1e-4, atol=1e-5)
-    _release(rt)
+    del rt  # the board's server is free for the next client once the session is collected
+    gc.collect()
     for other in ("rpi5", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon", "llvm"):
         with pytest.raises(tunelog.TuningLogError, match="was made for target"):
             tvm_nested.build(mod, other, tuning_log=log)

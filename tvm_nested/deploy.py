@@ -169,15 +169,21 @@ def deploy(module, rpc=None, *, tracker=None, key: str | None = None, timeout: f
         warnings.warn(f"this module is built for this machine's CPU ({module.target.attrs.get('mtriple', '')}), "
                       "not for a board: build it with the board's target (e.g. 'rpi4' or "
                       f"{DEFAULT_TARGET!r})", stacklevel=2)
-    if session is None:
+    if num_threads is not None and int(num_threads) < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads!r}")
+    own = session is None
+    if own:
         session = connect(rpc, tracker=tracker, key=key, timeout=timeout, session_timeout=session_timeout)
-    if num_threads is not None:
-        if int(num_threads) < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads!r}")
-        session.get_function("runtime.config_threadpool")(0, int(num_threads))
-    if isinstance(module, NestedModule):
-        _check_arch(session, str(module.target.attrs.get("mtriple", "")))
-    return NestedRuntime(upload(session, module, cc=cc), session.cpu())
+    try:
+        if num_threads is not None:
+            session.get_function("runtime.config_threadpool")(0, int(num_threads))
+        if isinstance(module, NestedModule):
+            _check_arch(session, str(module.target.attrs.get("mtriple", "")))
+        return NestedRuntime(upload(session, module, cc=cc), session.cpu())
+    except BaseException:
+        if own:  # the traceback must not keep our session (and so the board) busy
+            session = None
+        raise
 
 
 def board_triple(session) -> str | None:
