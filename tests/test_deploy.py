@@ -217,3 +217,21 @@ def test_remote_tuning_log_is_reused_for_the_board_and_refused_elsewhere(board_t
     for other in ("rpi5", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon", "llvm"):
         with pytest.raises(tunelog.TuningLogError, match="was made for target"):
             tvm_nested.build(mod, other, tuning_log=log)
+
+
+@pytest.mark.slow
+def test_nested_squeezenet_on_the_board(board_server, aarch64_cc):
+    """A model-zoo network (SqueezeNet 1x3x224x224, nested at two levels) at every level on the board
+    against the host build (about 30 s here: two compiles, ~1 s per emulated run)."""
+    from tvm_nested import zoo
+
+    model = zoo.nested("squeezenet", densities=(0.5, 0.2), keep_first_dense=True)
+    mod = tvm_nested.from_onnx(model)
+    (x,) = zoo.example_input(model, seed=1).values()
+    host = tvm_nested.build(mod, "llvm").runtime()
+    rt = dp.deploy(tvm_nested.build(mod, BOARD_TARGET), board_server.address)
+    for lvl in range(2):
+        (out,), (ref,) = rt.run(x, level=lvl), host.run(x, level=lvl)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    del rt
+    gc.collect()
