@@ -5,6 +5,7 @@ latency tables and an injected elapsed time; whole-module tests use tables and d
 the decision independent of this machine's speed (no wall-clock assertion anywhere).
 """
 
+import json
 import os
 
 import numpy as np
@@ -292,23 +293,24 @@ def test_on_device_level_guard(with_table):
 
 
 def test_cli_deadline_run(with_table, tmp_path, capsys):
+    from tvm_nested import cli
+
     name, x, lib2, rt2 = with_table
     path = lib2.export_library(tmp_path / "m.so")
     np.save(tmp_path / "x.npy", x)
-    assert reroute.deadline_run_main([str(path), "--deadline-ms", "0", "--level", "1", "--input",
-                                      str(tmp_path / "x.npy"), "--repeat", "2"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("levels per stage [1, 2, 2]") == 2
-    assert reroute.deadline_run_main([str(tmp_path / "missing.so"), "--deadline-ms", "1"]) == 2
+    assert cli.main(["run", str(path), "--deadline-ms", "0", "--level", "1", "--input", str(tmp_path / "x.npy"),
+                     "--repeat", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["levels"] for r in rows] == [[1, 2, 2], [1, 2, 2]]
+    assert cli.main(["run", str(tmp_path / "missing.so"), "--deadline-ms", "1"]) == 2
+    assert "no compiled module" in capsys.readouterr().err
 
 
-def test_aarch64_cross_build_links_the_clock(tmp_path):
+def test_aarch64_cross_build_links_the_clock(tmp_path, aarch64_cc):
     """The on-device rule and clock cross-compile for aarch64 and link against the board's libc."""
     import shutil
     import subprocess
 
-    if shutil.which("aarch64-linux-gnu-gcc") is None:
-        pytest.fail("aarch64-linux-gnu-gcc missing: apt-get install gcc-aarch64-linux-gnu")
     x = _inputs("mlp")
     mod, _ = _nested(MLP, x)
     lib = tvm_nested.build(mod, "llvm -mtriple=aarch64-linux-gnu", stages=2, latency_table=np.ones((2, L)))

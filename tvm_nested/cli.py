@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 
 def _densities(text: str) -> tuple[float, ...]:
@@ -48,6 +49,7 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from . import load
+    from .info import example_inputs
 
     if args.rpc or args.tracker:  # on a board over TVM RPC: the same runtime, the module uploaded
         from .deploy import connect_from_args, deploy, is_emulated
@@ -58,13 +60,19 @@ def cmd_run(args) -> int:
             print("NOTE: emulated board (qemu-user): latency_ms is not a performance number", file=sys.stderr)
     else:
         rt = load(args.module, num_threads=args.threads)
-    rng = np.random.default_rng(args.seed)
-    shapes = {p["name"]: p for p in rt.info["inputs"] if p["name"] != "level"}
-    feeds = [rng.standard_normal(p["shape"]).astype(p["dtype"]) for p in shapes.values()]
+    inputs = [np.load(f) for f in args.input] or example_inputs(rt.info, args.seed)
+    if args.deadline_ms is not None:  # requests rerouted on the device under a deadline
+        for i in range(args.repeat):
+            t0 = time.perf_counter()
+            outs, levels = rt.run_deadline(*inputs, deadline_ms=args.deadline_ms, level=args.level or 0)
+            ms = (time.perf_counter() - t0) * 1e3
+            print(json.dumps({"request": i, "latency_ms": round(ms, 3), "met": ms <= args.deadline_ms,
+                              "levels": [int(v) for v in levels], "outputs": [list(o.shape) for o in outs]}))
+        return 0
     levels = range(rt.num_levels) if args.level is None else [args.level]
     for lvl in levels:
-        outs = rt.run(*feeds, level=lvl)
-        ms = rt.time(*feeds, level=lvl, repeat=args.repeat)
+        outs = rt.run(*inputs, level=lvl)
+        ms = rt.time(*inputs, level=lvl, repeat=args.repeat)
         print(json.dumps({"level": lvl, "density": rt.densities[lvl], "latency_ms": round(ms, 3),
                           "outputs": [list(o.shape) for o in outs]}))
     return 0
@@ -91,11 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cc", default=None, help="cross compiler for export (found automatically for aarch64)")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("run", help="run a compiled module at every level (or one) with random inputs and time it")
+    p = sub.add_parser("run", help="run a compiled module at every level (or one), or under a deadline, and time it")
     p.add_argument("module")
-    p.add_argument("--level", type=int, default=None)
+    p.add_argument("--level", type=int, default=None, help="one level (default: every level; with --deadline-ms: 0)")
+    p.add_argument("--input", action="append", default=[], help=".npy file per model input (default: seeded random)")
+    p.add_argument("--deadline-ms", type=float, default=None,
+                   help="reroute on the device to meet this deadline per request (module built with stages and a "
+                        "latency table); prints the level each stage ran at")
     p.add_argument("--threads", type=int, default=None, help="TVM CPU threads (default: TVM's own)")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=5, help="timing repeats (with --deadline-ms: requests)")
     p.add_argument("--seed", type=int, default=0)
     from .deploy import add_board_arguments
 
@@ -135,16 +147,15 @@ def main(argv=None) -> int:
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.command == "run":
-        from .deploy import BoardError, check_board_arguments
+    from .deploy import BoardError, check_board_arguments
 
+    if args.command == "run":
         check_board_arguments(ap, args)
-        try:
-            return args.func(args)
-        except BoardError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (BoardError, ValueError, FileNotFoundError) as err:  # bad input: a message, not a traceback
+        print(f"tvm-nested {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .board import BoardError
+from .info import example_inputs
 from .runtime import NestedRuntime
 
 DEFAULT_TARGET = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"  # any 64-bit ARM board with NEON
@@ -208,21 +209,6 @@ def time_levels(rt: NestedRuntime, *inputs, number: int = 10, repeat: int = 3,
             for lvl in range(rt.num_levels)]
 
 
-def random_inputs(info: dict, seed: int = 0) -> list[np.ndarray]:
-    """Seeded random inputs matching a module's metadata (``rt.info``), level excluded."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for p in info["inputs"]:
-        if p["name"] == "level":
-            continue
-        dt = np.dtype(p["dtype"])
-        if dt.kind == "f":
-            out.append(rng.standard_normal(p["shape"]).astype(dt))
-        else:
-            out.append(rng.integers(0, 2, p["shape"]).astype(dt))
-    return out
-
-
 # ------------------------------------------------------------------------------------------ CLI
 def add_board_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
     """``--rpc host:port | --tracker host:port --key K`` and ``--timeout`` (shared by run/deploy)."""
@@ -325,7 +311,7 @@ def deploy_main(argv=None) -> int:
         session = connect_from_args(args)
         rt = deploy(module, session=session, cc=args.cc, num_threads=args.threads)
         print(f"uploaded and loaded on the board in {time.perf_counter() - t0:.1f}s")
-        inputs = random_inputs(rt.info, args.seed)
+        inputs = example_inputs(rt.info, args.seed)
         errors = {}
         for lvl in range(rt.num_levels):
             outs = rt.run(*inputs, level=lvl)
@@ -343,4 +329,4 @@ def deploy_main(argv=None) -> int:
 
 
 __all__ = ["DEFAULT_TARGET", "BoardError", "board_triple", "connect", "deploy", "deploy_main", "is_emulated", "parse_address",
-           "random_inputs", "time_levels", "upload"]
+           "time_levels", "upload"]

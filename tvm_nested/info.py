@@ -6,6 +6,8 @@ tensor, so it travels with the library (export, RPC upload) and cannot get lost 
 
 from __future__ import annotations
 
+import numpy as np
+
 INFO_FUNC = "nested_info"
 INFO_VERSION = 1
 # Optional keys (absent or null in modules built without them; readers must not require them):
@@ -24,3 +26,17 @@ def check_info(info: dict) -> dict:
     if int(info.get("num_levels", 0)) < 1:
         raise ValueError(f"module metadata has no valid num_levels: {info.get('num_levels')!r}")
     return info
+
+
+def example_inputs(info: dict, seed: int = 0) -> list[np.ndarray]:
+    """Seeded inputs of the shapes the module expects (standard normal floats, zero integers), level excluded."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in info["inputs"]:
+        if p["name"] == "level":
+            continue
+        if np.dtype(p["dtype"]).kind == "f":
+            out.append(rng.standard_normal(p["shape"]).astype(p["dtype"]))
+        else:
+            out.append(np.zeros(p["shape"], p["dtype"]))
+    return out

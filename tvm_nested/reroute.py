@@ -56,6 +56,7 @@ import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
+from .info import example_inputs
 from .relay_passes.level_guard import _guarded
 from .relay_passes.stages import STAGES_ATTR, SplitStages, read_stage_plan
 
@@ -240,20 +241,6 @@ def _as_runtime(rt_or_lib, num_threads=None):
     return rt_or_lib
 
 
-def example_inputs(info: dict, seed: int = 0) -> list[np.ndarray]:
-    """Seeded inputs of the shapes the module expects (standard normal floats, zero integers)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for p in info["inputs"]:
-        if p["name"] == "level":
-            continue
-        if np.dtype(p["dtype"]).kind == "f":
-            out.append(rng.standard_normal(p["shape"]).astype(p["dtype"]))
-        else:
-            out.append(np.zeros(p["shape"], p["dtype"]))
-    return out
-
-
 def profile_stages(rt_or_lib, *inputs, number: int = 5, repeat: int = 7, min_repeat_ms: int = 0) -> np.ndarray:
     """Latency (microseconds) of every stage at every level, timed on the runtime's device.
 
@@ -348,46 +335,6 @@ def _flatten_all(out):
     return _flatten(out)
 
 
-# ------------------------------------------------------------------------------------- CLI
-def deadline_run_main(argv=None) -> int:
-    """``tvm-nested run MODULE --deadline-ms D [--level K] [--input x.npy ...] [--repeat N] [--json]``."""
-    p = argparse.ArgumentParser(prog="tvm-nested run", description="Run a compiled nested module, optionally "
-                                "rerouting under a latency deadline decided on the device.")
-    p.add_argument("module", help="library written by NestedModule.export_library")
-    p.add_argument("--deadline-ms", type=float, default=None, help="deadline per request (needs a latency table)")
-    p.add_argument("--level", type=int, default=0, help="level of the first stage (default 0, the densest)")
-    p.add_argument("--input", action="append", default=[], help=".npy file per model input (default: seeded random)")
-    p.add_argument("--repeat", type=int, default=1, help="number of requests")
-    p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON line per request")
-    a = p.parse_args(argv)
-    from .runtime import load
-
-    try:
-        rt = load(a.module, num_threads=a.num_threads)
-        inputs = [np.load(f) for f in a.input] or example_inputs(rt.info)
-        import time
-
-        for i in range(max(1, a.repeat)):
-            t = time.perf_counter()
-            if a.deadline_ms is None:
-                outs, levels = rt.run(*inputs, level=a.level), None
-            else:
-                outs, levels = rt.run_deadline(*inputs, deadline_ms=a.deadline_ms, level=a.level)
-            ms = (time.perf_counter() - t) * 1e3
-            rec = {"request": i, "latency_ms": round(ms, 4), "levels": None if levels is None else levels.tolist(),
-                   "outputs": [list(o.shape) for o in outs]}
-            if a.deadline_ms is not None:
-                rec["met"] = ms <= a.deadline_ms
-            print(json.dumps(rec) if a.json else
-                  f"request {i}: {ms:.3f} ms" + ("" if levels is None else f", levels per stage {levels.tolist()}")
-                  + ("" if a.deadline_ms is None else f", deadline {a.deadline_ms} ms {'met' if rec['met'] else 'MISSED'}"))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"tvm-nested run: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 __all__ = ["DEADLINE_FUNC", "TABLE_FUNC", "RULE_FUNC", "ELAPSED_FUNC", "add_stages", "add_deadline_function",
-           "check_table", "decide", "deadline_run_main", "example_inputs", "profile_stages", "reroute_rule",
+           "check_table", "decide", "profile_stages", "reroute_rule",
            "run_deadline", "run_stages", "STAGES_ATTR"]
