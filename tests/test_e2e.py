@@ -199,3 +199,19 @@ def test_onnx_zoo_every_level(name):
         (ref,) = ort_run(model, {inp.name: x}, level=level)
         (got,) = rt.run(x, level=level)
         _close(got, ref)
+
+
+def test_num_threads_really_changes():
+    """TVM sizes its pool once from TVM_NUM_THREADS; tvm_nested sizes it to every core before TVM starts it."""
+    cores = os.cpu_count() or 1
+    try:
+        tvm_nested.set_num_threads(1)
+        assert tvm_nested.num_threads() == 1
+        tvm_nested.set_num_threads(cores)
+        assert tvm_nested.num_threads() == cores
+        with pytest.raises(ValueError, match="at most"):
+            tvm_nested.set_num_threads(cores + 1)
+        with pytest.raises(ValueError, match="positive integer"):
+            tvm_nested.set_num_threads(0)
+    finally:
+        tvm_nested.set_num_threads(cores)

@@ -21,11 +21,16 @@ from .info import INFO_FUNC, check_info
 
 
 def set_num_threads(n: int) -> None:
-    """Threads of TVM's CPU thread pool for this process (TVM defaults to 1 on small machines)."""
+    """Threads of TVM's CPU thread pool for this process (tvm_nested sizes the pool to every core)."""
     if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
         raise ValueError(f"num_threads must be a positive integer, got {n!r}")
     # affinity mode 0 = default: only the thread count changes
     tvm.get_global_func("runtime.config_threadpool")(0, int(n))
+    if num_threads() != n:
+        raise ValueError(
+            f"TVM's thread pool in this process holds {num_threads()} thread(s) at most, not {n} (it is sized once, "
+            f"from TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}, when TVM first runs parallel "
+            f"code); set TVM_NUM_THREADS={n} before starting Python")
 
 
 def num_threads() -> int:
