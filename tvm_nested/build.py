@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 
 from . import pipeline
-from .info import INFO_FUNC, INFO_VERSION
+from .info import INFO_FUNC, INFO_VERSION, InfoView
 from .relay_passes.level_guard import INFO_ATTR
 from .runtime import NestedRuntime
 from .schedules.cpu_dense import schedule_dense
@@ -37,7 +37,7 @@ def _schedule_rules():
     return {"llvm": schedule_cpu, "cuda": schedule_cuda}
 
 
-class NestedModule:
+class NestedModule(InfoView):
     """The compiled artifact: one executable, every level, weights stored once."""
 
     def __init__(self, executable, target: tvm.target.Target, info: dict, *, ir_module: tvm.IRModule | None = None):
@@ -45,18 +45,6 @@ class NestedModule:
         self.target = target
         self.info = info
         self._ir = ir_module  # lowered + scheduled, before the metadata: what with_latency_table recompiles
-
-    @property
-    def num_stages(self) -> int | None:
-        """Stage functions the module runs (``build(..., stages=K)``), or None."""
-        stages = self.info.get("stages")
-        return None if stages is None else int(stages["num_stages"])
-
-    @property
-    def latency_table(self) -> np.ndarray | None:
-        """Per-stage, per-level latency (microseconds) compiled into the module, or None."""
-        table = self.info.get("latency_table_us")
-        return None if table is None else np.asarray(table, dtype=np.float64)
 
     def with_latency_table(self, table, *, adaptive: bool = True) -> NestedModule:
         """A new module with ``table`` (from ``tvm_nested.reroute.profile_stages``) compiled in, enabling
@@ -68,29 +56,6 @@ class NestedModule:
         if self.num_stages is None:
             raise ValueError("this module has no stages: build it with tvm_nested.build(mod, target, stages=K) first")
         return _compile(self._ir, self.target, dict(self.info), table, adaptive)
-
-    @property
-    def num_levels(self) -> int:
-        return int(self.info["num_levels"])
-
-    @property
-    def densities(self) -> list[float]:
-        """Fraction of the nested layers' weights kept at each level."""
-        return list(self.info["densities"])
-
-    @property
-    def payload_bytes(self) -> int:
-        """Bytes of the packed nested weights (values, indices, level offsets)."""
-        return sum(layer["payload_bytes"] for layer in self.info["layers"])
-
-    @property
-    def csr_bytes(self) -> int:
-        """DESIGN section 5 yardstick: plain CSR of the densest level of every nested layer."""
-        return sum(layer["csr_bytes"] for layer in self.info["layers"])
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(layer["dense_bytes"] for layer in self.info["layers"])
 
     def runtime(self, device=None, *, num_threads: int | None = None) -> NestedRuntime:
         """Run this module in this process (only for targets this machine can execute)."""

@@ -28,6 +28,52 @@ def check_info(info: dict) -> dict:
     return info
 
 
+class InfoView:
+    """What an artifact says about itself, read from its ``info`` dict (NestedModule, NestedRuntime)."""
+
+    info: dict
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.info["num_levels"])
+
+    @property
+    def densities(self) -> list[float]:
+        """Fraction of the nested layers' weights kept at each level."""
+        return list(self.info["densities"])
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the packed nested weights (values, indices, level offsets)."""
+        return sum(layer["payload_bytes"] for layer in self.info["layers"])
+
+    @property
+    def csr_bytes(self) -> int:
+        """DESIGN section 5 yardstick: plain CSR of the densest level of every nested layer."""
+        return sum(layer["csr_bytes"] for layer in self.info["layers"])
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(layer["dense_bytes"] for layer in self.info["layers"])
+
+    @property
+    def stage_plan(self) -> dict | None:
+        """The stage functions of a module built with ``stages=`` (names, carried activations), or None."""
+        return self.info.get("stages")
+
+    @property
+    def num_stages(self) -> int | None:
+        """Stage functions the module runs (``build(..., stages=K)``), or None."""
+        stages = self.info.get("stages")
+        return None if stages is None else int(stages["num_stages"])
+
+    @property
+    def latency_table(self) -> np.ndarray | None:
+        """Per-stage, per-level latency (microseconds) compiled into the module, or None."""
+        table = self.info.get("latency_table_us")
+        return None if table is None else np.asarray(table, dtype=np.float64)
+
+
 def example_inputs(info: dict, seed: int = 0) -> list[np.ndarray]:
     """Seeded inputs of the shapes the module expects (standard normal floats, zero integers), level excluded."""
     rng = np.random.default_rng(seed)

@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 from tvm.rpc.base import RPC_SESS_MASK
 
-from .info import INFO_FUNC, check_info
+from .info import INFO_FUNC, InfoView, check_info
 
 
 def set_num_threads(n: int) -> None:
@@ -37,7 +37,7 @@ def num_threads() -> int:
     return int(tvm.get_global_func("runtime.NumThreads")())
 
 
-class NestedRuntime:
+class NestedRuntime(InfoView):
     """One compiled nested model on one device; ``run(*inputs, level=k)`` for any level."""
 
     def __init__(self, module, device=None, *, num_threads: int | None = None):
@@ -54,26 +54,7 @@ class NestedRuntime:
         # over RPC a tuple result cannot come back from vm["main"](...): the stateful calls instead
         self._remote = int(self.device.dlpack_device_type()) >= RPC_SESS_MASK
 
-    # -- what the artifact says about itself
-    @property
-    def num_levels(self) -> int:
-        return int(self.info["num_levels"])
-
-    @property
-    def densities(self) -> list[float]:
-        return list(self.info["densities"])
-
-    @property
-    def stage_plan(self) -> dict | None:
-        """The stage functions of a module built with ``stages=`` (names, carried activations), or None."""
-        return self.info.get("stages")
-
-    @property
-    def latency_table(self) -> np.ndarray | None:
-        """Per-stage, per-level latency (microseconds) compiled into the module, or None."""
-        table = self.info.get("latency_table_us")
-        return None if table is None else np.asarray(table, dtype=np.float64)
-
+    # -- what the artifact says about itself: InfoView
     @property
     def input_names(self) -> list[str]:
         return [p["name"] for p in self.info["inputs"] if p["name"] != "level"]
