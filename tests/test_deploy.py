@@ -128,6 +128,28 @@ def test_host_build_is_refused_by_the_board(nested, board_server):
     gc.collect()
 
 
+def test_rerouting_on_the_board(nested, board_server):
+    """Stages profiled ON the board, the table compiled in, the deadline decided on the board."""
+    from tvm_nested.reroute import profile_stages
+
+    staged = tvm_nested.build(nested["mod"], BOARD_TARGET, stages=2)
+    rt = dp.deploy(staged, board_server.address)
+    table = profile_stages(rt, nested["x"], number=1, repeat=1)  # timed by the board's VM
+    assert table.shape == (2, len(DENSITIES)) and (table > 0).all()
+    del rt
+    gc.collect()
+    rt = dp.deploy(staged.with_latency_table(table), board_server.address)
+    x, last = nested["x"], len(DENSITIES) - 1
+    outs, levels = rt.run_deadline(x, deadline_ms=0.0, level=0)  # every stage after the first: sparsest
+    assert levels.tolist() == [0, last]
+    np.testing.assert_allclose(outs[0], rt.run_stages(x, levels=[0, last])[0], rtol=1e-5, atol=1e-6)
+    outs, levels = rt.run_deadline(x, deadline_ms=1e9, level=1)  # never switches
+    assert levels.tolist() == [1, 1]
+    np.testing.assert_allclose(outs[0], nested["host"].run(x, level=1)[0], rtol=1e-4, atol=1e-5)
+    del rt
+    gc.collect()
+
+
 # --------------------------------------------------------------------------------------- CLI
 def test_cli_deploy_compiles_uploads_and_times_every_level(nested, board_server, capsys):
     host, port = board_server.address
