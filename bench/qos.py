@@ -4,7 +4,10 @@ For each workload (a small ResNet-like CNN and an unrolled recurrent cell, both 
 build once with 4 stages, profile the per-stage latency table on this machine, rebuild with it, then
 serve many requests while a competing CPU-bound process (started and stopped here) runs a random
 duty cycle. The deadline D is the p90 of the densest level's latency measured under the same load.
-The three policies take turns request by request (shuffled), so they see the same load.
+The policies take turns request by request (shuffled), so they see the same load. Rerouting runs twice:
+with the rule's reserve for the per-call overhead beyond the table (``reroute.profile_overhead``,
+measured here after the table) and, as a control under the very same load, without it.
+``QOS_STAGES`` (environment, default 4) sets the number of stages.
 
 Latency is the wall-clock time of one VM call with inputs already on the device (what a server sees
 per request); ``main_deadline`` gets D itself. Writes bench/results/qos.{md,json,png}.
@@ -30,7 +33,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DENSITIES = (0.5, 0.25, 0.12, 0.06)
-STAGES = 4
+STAGES = int(os.environ.get("QOS_STAGES", "4"))
 
 
 # ------------------------------------------------------------------------------------- workloads
@@ -86,6 +89,7 @@ def _models():
 
 def _build(model_cls, x):
     import torch
+    import tvm
     from torch import nn
 
     import tvm_nested
@@ -99,7 +103,22 @@ def _build(model_cls, x):
     mod = tvm_nested.from_torch(nested, (torch.from_numpy(x), torch.tensor(0)))
     lib = tvm_nested.build(mod, "llvm", stages=STAGES)
     table = reroute.profile_stages(lib.runtime(), x, number=3, repeat=9)
-    return lib.with_latency_table(table), table
+    lib = lib.with_latency_table(table)
+    # per-call cost beyond the table (dispatch, decisions, return), measured as this bench sees a call
+    rt = lib.runtime()
+    overhead = reroute.profile_overhead(rt, x, calls=200)
+    # the staged path's own cost (quiet, before the load): main at level 0 vs main_deadline that never switches
+    a0 = rt._arguments([x], 0)
+    big = [*a0, tvm.runtime.tensor(np.array(1e12, "float64"))]
+    walls = {"main": [], "main_deadline": []}
+    for i in range(400):
+        for k, f, args in (("main", rt._vm["main"], a0), ("main_deadline", rt._vm[reroute.DEADLINE_FUNC], big)):
+            t = time.perf_counter()
+            f(*args)
+            if i >= 50:
+                walls[k].append((time.perf_counter() - t) * 1e6)
+    quiet = {k: float(np.median(v)) for k, v in walls.items()}
+    return lib.with_latency_table(table, overhead_us=overhead), lib, table, overhead, quiet
 
 
 # ------------------------------------------------------------------------------------- load
@@ -136,7 +155,7 @@ class Load:
 
 
 # ------------------------------------------------------------------------------------- serving
-def _serve(rt, x, n_dense_cal: int, requests: int, time_limit: float, seed: int):
+def _serve(rt, rt0, x, n_dense_cal: int, requests: int, time_limit: float, seed: int):
     import tvm
 
     from tvm_nested import reroute
@@ -146,6 +165,7 @@ def _serve(rt, x, n_dense_cal: int, requests: int, time_limit: float, seed: int)
     args0 = rt._arguments([x], 0)
     argsS = rt._arguments([x], L - 1)
     main, dl = vm["main"], vm[reroute.DEADLINE_FUNC]
+    dl0 = rt0._vm[reroute.DEADLINE_FUNC]  # same kernels, rule without the overhead reserve
 
     def call(f, args):
         t = time.perf_counter()
@@ -158,8 +178,8 @@ def _serve(rt, x, n_dense_cal: int, requests: int, time_limit: float, seed: int)
     deadline = float(np.percentile(cal, 90))
     dl_args = [*args0, tvm.runtime.tensor(np.array(deadline * 1e3, "float64"))]
     rng = random.Random(seed)
-    lat = {"static densest": [], "static sparsest": [], "rerouting": []}
-    levels = []
+    lat = {"static densest": [], "static sparsest": [], "rerouting": [], "rerouting, no overhead reserve": []}
+    levels = {"rerouting": [], "rerouting, no overhead reserve": []}
     start = time.monotonic()
     for _ in range(requests):
         if time.monotonic() - start > time_limit:
@@ -172,10 +192,10 @@ def _serve(rt, x, n_dense_cal: int, requests: int, time_limit: float, seed: int)
             elif policy == "static sparsest":
                 lat[policy].append(call(main, argsS)[0])
             else:
-                ms, out = call(dl, dl_args)
+                ms, out = call(dl if policy == "rerouting" else dl0, dl_args)
                 lat[policy].append(ms)
-                levels.append(out[len(out) - 1].numpy().tolist())
-    return deadline, cal, lat, np.array(levels)
+                levels[policy].append(out[len(out) - 1].numpy().tolist())
+    return deadline, cal, lat, {k: np.array(v) for k, v in levels.items()}
 
 
 def _summary(lat, deadline, L, levels=None, static_level=None):
@@ -239,26 +259,29 @@ def main(argv=None) -> int:
               "load_average_before": load_before, "workloads": {}}
     for i, (name, (cls, x)) in enumerate(_models().items()):
         t0 = time.time()
-        lib, table = _build(cls, x)
+        lib, lib_noreserve, table, overhead, quiet = _build(cls, x)
         rt = lib.runtime()
+        rt0 = lib_noreserve.runtime()
         build_s = time.time() - t0
-        print(f"[qos] {name}: built + profiled in {build_s:.1f} s; table (us) {np.round(table, 1).tolist()}", flush=True)
+        print(f"[qos] {name}: built + profiled in {build_s:.1f} s; table (us) {np.round(table, 1).tolist()}; "
+              f"overhead beyond the table {overhead:.1f} us; quiet medians (us) {quiet}", flush=True)
         with Load(seed=a.seed + 100 * i, processes=a.competitors):
             time.sleep(0.2)
-            deadline, cal, lat, levels = _serve(rt, x, a.calibration, a.requests, a.time_limit, a.seed + i)
+            deadline, cal, lat, levels = _serve(rt, rt0, x, a.calibration, a.requests, a.time_limit, a.seed + i)
         L = rt.num_levels
         summ = {
             "static densest": _summary(lat["static densest"], deadline, L, static_level=0),
             "static sparsest": _summary(lat["static sparsest"], deadline, L, static_level=L - 1),
-            "rerouting": _summary(lat["rerouting"], deadline, L, levels=levels),
+            **{k: _summary(lat[k], deadline, L, levels=v) for k, v in levels.items()},
         }
         report["workloads"][name] = {"deadline_ms": deadline, "deadline_rule": "p90 of densest under load",
-                                     "latency_table_us": table.tolist(), "stages": lib.info["stages"]["macs"],
+                                     "latency_table_us": table.tolist(), "overhead_us": overhead, "quiet_median_us": quiet, "stages": lib.info["stages"]["macs"],
                                      "build_and_profile_s": build_s, "summary": summ,
                                      "latencies_ms": {k: [round(v, 4) for v in vs] for k, vs in lat.items()},
-                                     "calibration_ms": [round(v, 4) for v in cal]}
+                                     "calibration_ms": [round(v, 4) for v in cal],
+                                     "rerouting_levels": {k: v.tolist() for k, v in levels.items()}}
         for k, s in summ.items():
-            print(f"[qos]   {k:16s} met {s['met']:.4f} nines {_nines(s)} mean {s['mean_ms']:.3f} p50 {s['p50_ms']:.3f} "
+            print(f"[qos]   {k:30s} met {s['met']:.4f} nines {_nines(s)} mean {s['mean_ms']:.3f} p50 {s['p50_ms']:.3f} "
                   f"p99 {s['p99_ms']:.3f} all-densest {s['all_densest']:.3f}", flush=True)
     report["load_average_after"] = os.getloadavg()
     report["wall_s"] = time.time() - t_start
@@ -275,7 +298,7 @@ def _write(report, out: Path):
         f"Hardware: {report['hardware']}; TVM threads {report['threads']}. Load average (1/5/15 min) before: "
         f"{', '.join('%.2f' % v for v in report['load_average_before'])}, after: "
         f"{', '.join('%.2f' % v for v in report['load_average_after'])} "
-        "(a shared machine: other engineers' jobs ran beside the bench's own competitor process).",
+        "(anything else running beside the bench's own competitor processes counts in).",
         "",
         f"Fluctuating resources: {report['competitors']} competing CPU-bound process(es), each with its own random duty cycle (0, 1 or uniform, redrawn "
         "every 0.3-1.5 s, 2 ms busy/sleep slices), started and stopped by the bench. Deadline D = p90 of the densest level's latency under "
@@ -292,7 +315,15 @@ def _write(report, out: Path):
             lines.append(f"| {k} | {s['requests']} | {s['met']:.4f} | {_nines(s)} | {s['mean_ms']:.3f} | {s['p50_ms']:.3f} | "
                          f"{s['p99_ms']:.3f} | {s['all_densest']:.3f} | {mix} |")
         lines += ["", "Latency table (us, stage x level): "
-                  + "; ".join("[" + ", ".join("%.0f" % v for v in row) + "]" for row in w["latency_table_us"]), ""]
+                  + "; ".join("[" + ", ".join("%.0f" % v for v in row) + "]" for row in w["latency_table_us"])
+                  + (f"; per-call overhead beyond the table (reserved by the rule) {w['overhead_us']:.0f} us"
+                     if "overhead_us" in w else ""), ""]
+        if "quiet_median_us" in w:
+            q = w["quiet_median_us"]
+            lines += [f"Staged path's own cost, quiet machine before the load (median wall us): main at level 0 "
+                      f"{q['main']:.0f}, main_deadline that never switches {q['main_deadline']:.0f} "
+                      f"(+{q['main_deadline'] - q['main']:.0f}); table's level-0 sum "
+                      f"{sum(r[0] for r in w['latency_table_us']):.0f}.", ""]
     lines += ["![CDF](qos.png)", ""]
     (out / "qos.md").write_text("\n".join(lines))
     try:

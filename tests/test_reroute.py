@@ -6,6 +6,7 @@ the decision independent of this machine's speed (no wall-clock assertion anywhe
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -97,8 +98,8 @@ def staged(request):
 
 
 # ------------------------------------------------------------------------------------- the rule
-def _rule_runner(k, levels, adaptive=False):
-    rule = reroute.reroute_rule(k, levels, adaptive=adaptive).with_attr("global_symbol", "rule")
+def _rule_runner(k, levels, adaptive=False, overhead_us=0.0):
+    rule = reroute.reroute_rule(k, levels, adaptive=adaptive, overhead_us=overhead_us).with_attr("global_symbol", "rule")
     ex = tvm.compile(tvm.IRModule({"rule": rule}), "llvm")
 
     def run(table, elapsed_us, deadline_us, level, stage, spent_us=0.0):
@@ -166,6 +167,34 @@ def test_rule_on_random_tables_matches_numpy(adaptive):
                 float(rng.uniform(0, 200)))
         got = run(table, *args)
         ref = reroute.decide(table, *args, adaptive=adaptive)
+        assert got[0] == ref[0] and got[1] == pytest.approx(ref[1]), args
+
+
+def test_overhead_reserve_moves_the_switch_point():
+    """The per-call overhead beyond the table is reserved in every prediction (scaled like the table)."""
+    run = _rule_runner(*TABLE.shape, adaptive=False, overhead_us=50.0)
+    # without the reserve 100 + 300 <= 400 keeps level 0; with it 100 + 350 > 400: level 1 (100 + 230)
+    assert _rule_runner(*TABLE.shape)(TABLE, 100.0, 400.0, 0, 1)[0] == 0
+    assert run(TABLE, 100.0, 400.0, 0, 1) == (1, 100.0) == reroute.decide(TABLE, 100.0, 400.0, 0, 1, adaptive=False,
+                                                                          overhead_us=50.0)
+    assert run(TABLE, 100.0, 450.0, 0, 1)[0] == 0  # 100 + 350 fits exactly
+    # adaptive: twice slower than profiled doubles the reserve too: 200 + 2 * (300 + 50) = 900
+    runa = _rule_runner(*TABLE.shape, adaptive=True, overhead_us=50.0)
+    assert runa(TABLE, 200.0, 900.0, 0, 1)[0] == 0 and runa(TABLE, 200.0, 899.0, 0, 1)[0] == 1
+    with pytest.raises(ValueError, match="overhead_us"):
+        reroute.reroute_rule(4, 3, overhead_us=-1.0)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["table", "adaptive"])
+def test_rule_with_overhead_on_random_tables_matches_numpy(adaptive):
+    rng = np.random.default_rng(1)
+    run = _rule_runner(4, 3, adaptive, overhead_us=37.5)
+    for _ in range(100):
+        table = np.sort(rng.uniform(1, 100, (4, 3)), axis=1)[:, ::-1].copy()
+        args = (float(rng.uniform(0, 300)), float(rng.uniform(0, 400)), int(rng.integers(0, 3)), int(rng.integers(1, 4)),
+                float(rng.uniform(0, 200)))
+        got = run(table, *args)
+        ref = reroute.decide(table, *args, adaptive=adaptive, overhead_us=37.5)
         assert got[0] == ref[0] and got[1] == pytest.approx(ref[1]), args
 
 
@@ -271,6 +300,20 @@ def test_crafted_table_switches_where_the_rule_says():
     np.testing.assert_array_equal(outs[0], rt.run_stages(x, levels=[0, 1, 1])[0])
     outs, levels = rt.run_deadline(x, deadline_ms=1e6, level=2)  # already sparser: stays
     assert levels.tolist() == [2, 2, 2]
+
+
+def test_overhead_is_compiled_into_main_deadline(with_table):
+    """profile_overhead gives a finite non-negative number; a compiled-in reserve larger than the
+    deadline makes every later stage sparsest, and the artifact records it."""
+    name, x, lib2, rt2 = with_table
+    ovh = reroute.profile_overhead(rt2, x, calls=5)
+    assert math.isfinite(ovh) and ovh >= 0
+    table = lib2.latency_table
+    lib3 = lib2.with_latency_table(table, overhead_us=1e9)  # 1000 s reserve
+    assert lib3.info["reroute_overhead_us"] == 1e9 and lib2.info["reroute_overhead_us"] == 0.0
+    rt3 = lib3.runtime()
+    assert rt3.run_deadline(x, deadline_ms=1e5, level=0)[1].tolist() == [0, L - 1, L - 1]  # 100 s < reserve
+    assert rt2.run_deadline(x, deadline_ms=1e5, level=0)[1].tolist() == [0, 0, 0]
 
 
 def test_deadline_arguments_are_checked(with_table):

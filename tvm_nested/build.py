@@ -46,16 +46,18 @@ class NestedModule(InfoView):
         self.info = info
         self._ir = ir_module  # lowered + scheduled, before the metadata: what with_latency_table recompiles
 
-    def with_latency_table(self, table, *, adaptive: bool = True) -> NestedModule:
+    def with_latency_table(self, table, *, adaptive: bool = True, overhead_us: float = 0.0) -> NestedModule:
         """A new module with ``table`` (from ``tvm_nested.reroute.profile_stages``) compiled in, enabling
         ``run_deadline``. Recompiles the lowered module: no re-lowering, no re-tuning. ``adaptive``: the
-        on-device rule scales the table by the slowdown it observes (``tvm_nested/reroute.py``)."""
+        on-device rule scales the table by the slowdown it observes (``tvm_nested/reroute.py``).
+        ``overhead_us``: per-call cost beyond the table's stages, reserved by the rule
+        (``tvm_nested.reroute.profile_overhead``)."""
         if self._ir is None:
             raise ValueError("this NestedModule keeps no IR to recompile: build it again with tvm_nested.build(..., "
                              "stages=K, latency_table=table)")
         if self.num_stages is None:
             raise ValueError("this module has no stages: build it with tvm_nested.build(mod, target, stages=K) first")
-        return _compile(self._ir, self.target, dict(self.info), table, adaptive)
+        return _compile(self._ir, self.target, dict(self.info), table, adaptive, overhead_us)
 
     def runtime(self, device=None, *, num_threads: int | None = None) -> NestedRuntime:
         """Run this module in this process (only for targets this machine can execute)."""
@@ -189,18 +191,20 @@ def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, s
 
 
 def _compile(mod: tvm.IRModule, tgt: tvm.target.Target, info: dict, latency_table=None,
-             adaptive: bool = True) -> NestedModule:
+             adaptive: bool = True, overhead_us: float = 0.0) -> NestedModule:
     lowered = mod
     mod = schedule_dense(mod, tgt)  # legalize + fuse, default CPU schedules for the dense remainder
     info.pop("latency_table_us", None)
     info.pop("reroute_rule", None)
+    info.pop("reroute_overhead_us", None)
     if latency_table is not None:
         from .reroute import add_deadline_function, check_table
 
         table = check_table(latency_table, int(info["stages"]["num_stages"]), int(info["num_levels"]))
-        mod = add_deadline_function(mod, table, int(info["num_levels"]), adaptive)
+        mod = add_deadline_function(mod, table, int(info["num_levels"]), adaptive, overhead_us)
         info["latency_table_us"] = table.tolist()
         info["reroute_rule"] = "adaptive" if adaptive else "table"
+        info["reroute_overhead_us"] = float(overhead_us)
     mod = _with_info_function(mod, info)
     with tgt, tvm.transform.PassContext(opt_level=3):
         executable = tvm.compile(mod, target=tgt)
