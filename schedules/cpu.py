@@ -158,12 +158,8 @@ def _parallel_outer(sch: Schedule, block, keep: int = 1) -> None:
     sch.parallel(fused)
 
 
-def _apply_flat(sch: Schedule, knobs: CPUKnobs) -> None:
-    """The flat conv layout (``kernels.nested_conv2d_flat``): staging parallel over planes; rows
-    parallel; the tile of positions vectorised inside the data-dependent loop; the dense path (if
-    compiled in) parallel over its channel blocks with a vectorised, register-blocked tile."""
-    _parallel_outer(sch, sch.get_sblock("stage"))
-    row = sch.get_sblock("row")
+def _parallel_rows(sch: Schedule, row, knobs: CPUKnobs) -> None:
+    """Output rows: fused, split by ``rows_per_task``, parallel, auto-unrolled."""
     loops = sch.get_loops(row)
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     if knobs.rows_per_task > 1:
@@ -172,6 +168,14 @@ def _apply_flat(sch: Schedule, knobs: CPUKnobs) -> None:
     if knobs.unroll:
         sch.annotate(fused, "pragma_auto_unroll_max_step", knobs.unroll)
         sch.annotate(fused, "pragma_unroll_explicit", 1)
+
+
+def _apply_flat(sch: Schedule, knobs: CPUKnobs) -> None:
+    """The flat conv layout (``kernels.nested_conv2d_flat``): staging parallel over planes; rows
+    parallel; the tile of positions vectorised inside the data-dependent loop; the dense path (if
+    compiled in) parallel over its channel blocks with a vectorised, register-blocked tile."""
+    _parallel_outer(sch, sch.get_sblock("stage"))
+    _parallel_rows(sch, sch.get_sblock("row"), knobs)
     update = sch.get_sblock("update")
     sch.set_scope(update, 0, "global")
     j_loop = sch.get_loops(update)[-2]
@@ -207,15 +211,7 @@ def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
             outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
             sch.parallel(outer)
     # rows: fuse, split by rows_per_task, parallel, auto-unroll
-    row = blocks["row"]
-    loops = sch.get_loops(row)
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    if knobs.rows_per_task > 1:
-        fused, _ = sch.split(fused, [None, knobs.rows_per_task])
-    sch.parallel(fused)
-    if knobs.unroll:
-        sch.annotate(fused, "pragma_auto_unroll_max_step", knobs.unroll)
-        sch.annotate(fused, "pragma_unroll_explicit", 1)
+    _parallel_rows(sch, blocks["row"], knobs)
     # dense dimension, vectorised inside the data-dependent loop (never around it)
     reductions = [sch.get_sblock("update")] + ([blocks_tail] if (blocks_tail := _tail(sch)) else [])
     j_loops = []

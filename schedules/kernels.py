@@ -247,6 +247,31 @@ def _linear_func(M, K, L, NNZ, MAXLEN, cdt, ldt, B, has_bias, U):
 
 
 # ---------------------------------------------------------------------------------------- conv2d
+def _conv_signature(body, x_shape, O, NNZ, cdt, L, ldt, out_hw, has_bias):
+    """The PrimFunc around a conv ``body`` macro: one parameter list for every conv layout, bias optional."""
+    N, C, H, W = x_shape
+    OH, OW = out_hw
+    if has_bias:
+        @T.prim_func(s_tir=True)
+        def nested_conv2d_bias(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
+                               col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
+                               level_len: T.Buffer((L, O), ldt), bias: T.Buffer((O,), "float32"),
+                               level: T.Buffer((), "int32"),
+                               out: T.Buffer((N, O, OH, OW), "float32")):
+            body(x, val, col, row_ptr, level_len, bias, level, out)
+
+        return nested_conv2d_bias
+
+    @T.prim_func(s_tir=True)
+    def nested_conv2d(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
+                      col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
+                      level_len: T.Buffer((L, O), ldt), level: T.Buffer((), "int32"),
+                      out: T.Buffer((N, O, OH, OW), "float32")):
+        body(x, val, col, row_ptr, level_len, None, level, out)
+
+    return nested_conv2d
+
+
 def conv2d_output_shape(x_shape, out_channels, kernel_size, strides, padding, dilation):
     n, _, h, w = x_shape
     kh, kw = kernel_size
@@ -356,25 +381,7 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
                                 level_len[T.max(0, T.min(level[()], L - 1)), vo] > T.Cast(ldt, 0),
                                 acc[vr, vow], T.float32(0))
 
-    if has_bias:
-        @T.prim_func(s_tir=True)
-        def nested_conv2d_bias(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
-                               col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
-                               level_len: T.Buffer((L, O), ldt), bias: T.Buffer((O,), "float32"),
-                               level: T.Buffer((), "int32"),
-                               out: T.Buffer((N, O, OH, OW), "float32")):
-            body(x, val, col, row_ptr, level_len, bias, level, out)
-
-        return nested_conv2d_bias
-
-    @T.prim_func(s_tir=True)
-    def nested_conv2d(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
-                      col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
-                      level_len: T.Buffer((L, O), ldt), level: T.Buffer((), "int32"),
-                      out: T.Buffer((N, O, OH, OW), "float32")):
-        body(x, val, col, row_ptr, level_len, None, level, out)
-
-    return nested_conv2d
+    return _conv_signature(body, (N, C, H, W), O, NNZ, cdt, L, ldt, (OH, OW), has_bias)
 
 
 # ----------------------------------------------------------------------------- conv2d, flat layout
@@ -601,25 +608,7 @@ def _conv_flat_func(O, L, NNZ, MAXLEN, cdt, ldt, x_shape, ksize, strides, paddin
             else:
                 dense(xs, val, col, row_ptr, level_len, bias, level, out)
 
-    if has_bias:
-        @T.prim_func(s_tir=True)
-        def nested_conv2d_bias(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
-                               col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
-                               level_len: T.Buffer((L, O), ldt), bias: T.Buffer((O,), "float32"),
-                               level: T.Buffer((), "int32"),
-                               out: T.Buffer((N, O, OH, OW), "float32")):
-            body(x, val, col, row_ptr, level_len, bias, level, out)
-
-        return nested_conv2d_bias
-
-    @T.prim_func(s_tir=True)
-    def nested_conv2d(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
-                      col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
-                      level_len: T.Buffer((L, O), ldt), level: T.Buffer((), "int32"),
-                      out: T.Buffer((N, O, OH, OW), "float32")):
-        body(x, val, col, row_ptr, level_len, None, level, out)
-
-    return nested_conv2d
+    return _conv_signature(body, (N, C, H, W), O, NNZ, cdt, L, ldt, (OH, OW), has_bias)
 
 
 __all__ = ["nested_conv2d_flat", "specialize_conv", "flat_geometry", "dense_levels_of",
