@@ -169,3 +169,22 @@ def test_interrupted_run_keeps_records_and_tuning_again_appends(tuned, tmp_path)
     assert after[:len(before)] == before  # nothing lost or rewritten
     assert len(db.get_all_tuning_records()) > len(before)
     assert len(_nested_records(log)) >= len(_nested_records(tuned["log"]))
+
+
+def test_foreign_log_handlers_do_not_break_tuning():
+    """TVM's tune_tir re-configures its logger from the handlers' names; an unnamed handler (pytest's
+    capture, a user's StreamHandler) crashed it. tune detaches such handlers while tuning, then restores them."""
+    import logging
+
+    from tvm_nested.tune import _metaschedule_logging
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    mine = logging.StreamHandler()
+    logger.addHandler(mine)
+    try:
+        with _metaschedule_logging():
+            assert mine not in logger.handlers
+            assert all((h.get_name() or "").startswith(logger.name) for h in logger.handlers)
+        assert mine in logger.handlers
+    finally:
+        logger.removeHandler(mine)

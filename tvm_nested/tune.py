@@ -27,7 +27,9 @@ default knobs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import logging
 import os
 import sys
 import time
@@ -388,6 +390,23 @@ def _best(records):
 
 
 # ------------------------------------------------------------------------------------- public
+@contextlib.contextmanager
+def _metaschedule_logging():
+    """TVM 0.27's ``tune_tir`` re-configures its logger with ``dictConfig``, listing the handlers already
+    on it by name: one it did not create (pytest's log capture, a user's unnamed handler) makes it
+    crash ("'NoneType' object has no attribute 'format'"). Those are detached while it tunes and put
+    back afterwards."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    foreign = [h for h in logger.handlers if not (h.get_name() or "").startswith(logger.name)]
+    for handler in foreign:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in foreign:
+            logger.addHandler(handler)
+
+
 def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: int = 64, runner="local",
          levels=None, num_trials_per_iter: int = 16, seed: int = 0, progress: bool = True) -> TuningReport:
     """Tune every nested kernel and dense operator of ``mod`` for ``target`` into the log ``work_dir``.
@@ -459,11 +478,12 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
         space = cpu_space(tgt) if nested else "post-order-apply"
         if nested and before == 0:
             _measure_defaults(db, task_mod, tgt, builder, measure)
-        ms.tune_tir(task_mod, tgt, str(path), max_trials_global=max_trials,
-                    num_trials_per_iter=min(num_trials_per_iter, max_trials), builder=builder, runner=measure,
-                    database=db, cost_model="xgb", space=space, seed=seed,
-                    strategy=ms.search_strategy.EvolutionarySearch(
-                        population_size=max(64, min(512, 8 * max_trials)), max_fail_count=2))
+        with _metaschedule_logging():
+            ms.tune_tir(task_mod, tgt, str(path), max_trials_global=max_trials,
+                        num_trials_per_iter=min(num_trials_per_iter, max_trials), builder=builder, runner=measure,
+                        database=db, cost_model="xgb", space=space, seed=seed,
+                        strategy=ms.search_strategy.EvolutionarySearch(
+                            population_size=max(64, min(512, 8 * max_trials)), max_fail_count=2))
         records = _workload_records(db, task_mod)
         best = _best(records)
         run_secs = [float(s) for s in best.run_secs] if best is not None else None
