@@ -191,17 +191,25 @@ def test_cli_train_config_refuses_unknown_keys(tmp_path):
     assert exp.width == 8 and exp.pruning.densities == (0.5, 0.1) and exp.pruning.scope == "global"
 
 
-@pytest.mark.parametrize("level", [0, 1, 2], ids=lambda l: f"level{l}")
-def test_compiled_roundtrip(trained_small, tmp_path, level):
-    """PyTorch -> tvm_nested.from_torch -> build(llvm) -> export/load -> run, against PyTorch."""
+@pytest.mark.parametrize("via", ["torch", "onnx"])
+def test_compiled_roundtrip(trained_small, tmp_path, via):
+    """Trained model -> from_torch or ONNX export + from_onnx -> build(llvm) -> export/load -> every level
+    against PyTorch."""
     import tvm_nested
 
     model, x = trained_small
-    mod = tvm_nested.from_torch(model, (x, example_level(0)))
+    if via == "torch":
+        mod = tvm_nested.from_torch(model, (x, example_level(0)))
+    else:
+        export_onnx(model, x, path=tmp_path / "model.onnx")  # declares a dynamic batch dimension
+        with pytest.raises(ValueError, match="dynamic or undeclared dimension.*shape_dict"):
+            tvm_nested.from_onnx(tmp_path / "model.onnx")
+        mod = tvm_nested.from_onnx(tmp_path / "model.onnx", shape_dict={"x": list(x.shape)})
     lib = tvm_nested.build(mod, target="llvm")
     assert lib.num_levels == 3
     lib.export_library(str(tmp_path / "model.so"))
     rt = tvm_nested.load(str(tmp_path / "model.so"))
-    (got,) = rt.run(x.numpy(), level=level)
-    want = model(x, level=torch.tensor(level)).detach().numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for level in range(3):
+        (got,) = rt.run(x.numpy(), level=level)
+        want = model(x, level=torch.tensor(level)).detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

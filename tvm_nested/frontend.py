@@ -156,6 +156,10 @@ def from_onnx(model_or_path, shape_dict: Mapping[str, Sequence] | None = None,
     dtypes[LEVEL] = LEVEL_DTYPE
     shapes.update({k: list(v) for k, v in (shape_dict or {}).items()})
     dtypes.update(dtype_dict or {})
+    for vi in inputs:  # the kernels are specialised to static shapes: a symbolic dim needs a value
+        if vi.name not in shapes:
+            raise ValueError(f"from_onnx: input {vi.name!r} has shape {_onnx_shape(vi)} with a dynamic or undeclared "
+                             f"dimension; tvm_nested compiles static shapes: pass shape_dict={{{vi.name!r}: [...]}}")
     if np.dtype(dtypes[LEVEL]).kind not in "iu":
         raise ValueError(f"dtype_dict gives {LEVEL!r} the dtype {dtypes[LEVEL]!r}; the level is an integer")
 
