@@ -289,6 +289,19 @@ def _conv_tile_rows(oh: int, ow: int) -> int:
     return best
 
 
+def _conv_args(fmt, x_shape, kernel_size, strides, padding, dilation, groups, has_bias):
+    """The checked arguments of a conv factory; ValueError naming the bad one. A 2-entry padding is
+    (top/bottom, left/right)."""
+    fmt = _check_fmt(fmt)
+    if not isinstance(padding, int) and len(tuple(padding)) == 2:
+        padding = tuple(padding) * 2
+    if not isinstance(has_bias, bool):
+        raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
+    return (fmt, _int_tuple("x_shape", x_shape, 4, 1), _int_tuple("kernel_size", kernel_size, 2, 1),
+            _int_tuple("strides", strides, 2, 1), _int_tuple("dilation", dilation, 2, 1),
+            _int_tuple("padding", padding, 4, 0), _pos_int("groups", groups))
+
+
 def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[int],
                   strides: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                   groups: int, has_bias: bool):
@@ -297,17 +310,8 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
     ``padding`` is ``(top, left, bottom, right)``. Params: ``x[N, C, H, W] f32, values, col,
     row_ptr, level_len, bias[O] f32 (if has_bias), level () int32, out[N, O, OH, OW] f32``.
     """
-    fmt = _check_fmt(fmt)
-    N, C, H, W = _int_tuple("x_shape", x_shape, 4, 1)
-    KH, KW = _int_tuple("kernel_size", kernel_size, 2, 1)
-    SH, SW = _int_tuple("strides", strides, 2, 1)
-    DH, DW = _int_tuple("dilation", dilation, 2, 1)
-    if not isinstance(padding, int) and len(tuple(padding)) == 2:
-        padding = tuple(padding) * 2
-    PT, PL, PB, PR = _int_tuple("padding", padding, 4, 0)
-    G = _pos_int("groups", groups)
-    if not isinstance(has_bias, bool):
-        raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
+    fmt, (N, C, H, W), (KH, KW), (SH, SW), (DH, DW), (PT, PL, PB, PR), G = _conv_args(
+        fmt, x_shape, kernel_size, strides, padding, dilation, groups, has_bias)
     O, L = fmt.rows, fmt.num_levels
     if C % G:
         raise ValueError(f"groups={G} does not divide the input channels C={C}")
@@ -437,17 +441,8 @@ def nested_conv2d_flat(fmt: NestedCSR, x_shape, kernel_size, strides, padding, d
     dense direct conv blocked over ``DOB`` output channels x ``DTP`` positions on it); the test is a
     bit mask of the (clamped) level, a constant of the kernel. No weight is stored twice.
     """
-    fmt = _check_fmt(fmt)
-    N, C, H, W = _int_tuple("x_shape", x_shape, 4, 1)
-    KH, KW = _int_tuple("kernel_size", kernel_size, 2, 1)
-    SH, SW = _int_tuple("strides", strides, 2, 1)
-    DH, DW = _int_tuple("dilation", dilation, 2, 1)
-    if not isinstance(padding, int) and len(tuple(padding)) == 2:
-        padding = tuple(padding) * 2
-    PT, PL, PB, PR = _int_tuple("padding", padding, 4, 0)
-    G = _pos_int("groups", groups)
-    if not isinstance(has_bias, bool):
-        raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
+    fmt, (N, C, H, W), (KH, KW), (SH, SW), (DH, DW), (PT, PL, PB, PR), G = _conv_args(
+        fmt, x_shape, kernel_size, strides, padding, dilation, groups, has_bias)
     if C % G or fmt.rows % G:
         raise ValueError(f"groups={G} does not divide C={C} and O={fmt.rows}")
     if fmt.cols != C // G * KH * KW:
