@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import tvm_nested
+from nested_models import ConvLinear
 from tvm_nested import deploy as dp
 from tvm_nested import nn as tnn
 from tvm_nested.board import BoardError
@@ -31,16 +32,6 @@ pytestmark = pytest.mark.board
 
 BOARD_TARGET = "rpi4"  # cortex-a72 + NEON: what the emulated board's qemu CPU is
 DENSITIES = (0.5, 0.2, 0.1)
-
-
-class ConvLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 6 * 6, 10)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
 
 
 @pytest.fixture(scope="module")

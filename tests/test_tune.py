@@ -14,25 +14,15 @@ import numpy as np
 import pytest
 import torch
 import tvm_ffi
-from torch import nn
 
 import tvm_nested
+from nested_models import ConvLinear
 from tvm_nested import pipeline, tunelog
 from tvm_nested import nn as tnn
 from tvm_nested.tune import RPCSettings, _legalize, apply_tuning_log, tune
 
 DENSITIES = (0.5, 0.2, 0.1)
 TRIALS = 8
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 6 * 6, 10)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
 
 
 def _close(got, ref, tol=1e-4):
@@ -43,7 +33,7 @@ def _close(got, ref, tol=1e-4):
 @pytest.fixture(scope="session")
 def tuned(tmp_path_factory):
     torch.manual_seed(0)
-    model = tnn.nest(Tiny().eval(), {"conv": DENSITIES, "fc": DENSITIES}).eval()
+    model = tnn.nest(ConvLinear().eval(), {"conv": DENSITIES, "fc": DENSITIES}).eval()
     x = torch.randn(1, 3, 6, 6)
     level = {"level": torch.tensor(0)}
     mod = tvm_nested.from_torch(model, (x,), level)
