@@ -178,3 +178,43 @@ def test_foreign_log_handlers_do_not_break_tuning():
         assert mine in logger.handlers
     finally:
         logger.removeHandler(mine)
+
+
+_DESIGN_SPACE_PER_TARGET = """
+import sys
+import tvm
+from tvm.script import tirx as T
+from tvm.s_tir import meta_schedule as ms
+from tvm_nested.target import parse_target
+from tvm_nested.tune import register_tensor_intrinsics
+
+@T.prim_func(s_tir=True)
+def mm(a: T.Buffer((16, 16), "float32"), b: T.Buffer((16, 16), "float32"),
+       c: T.Buffer((16, 16), "float32")):
+    for i, j, k in T.grid(16, 16, 16):
+        with T.sblock("c"):
+            vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+            with T.init():
+                c[vi, vj] = T.float32(0)
+            c[vi, vj] = c[vi, vj] + a[vi, vk] * b[vk, vj]
+
+for text in sys.argv[1:]:
+    target = parse_target(text)
+    register_tensor_intrinsics(target)
+    ctx = ms.TuneContext(mod=tvm.IRModule({"main": mm}), target=target,
+                         space_generator="post-order-apply", search_strategy="evolutionary")
+    print(text, len(ctx.generate_design_space()))
+"""
+
+
+def test_tensor_intrinsics_for_every_target_in_one_process(tmp_path):
+    """A process that tunes for a board (aarch64) and then for an x86 CPU with VNNI (whose default
+    MetaSchedule rules look up ``dot_16x4_vnni``) gets each architecture's intrinsics. Generating a
+    design space needs no such CPU; a fresh process, so no earlier test has registered anything."""
+    targets = ["rpi4", "llvm -mcpu=icelake-server -num-cores=2", "llvm -mcpu=znver5 -num-cores=2", "llvm"]
+    script = tmp_path / "spaces.py"  # a file: TVMScript parses its functions from their source
+    script.write_text(_DESIGN_SPACE_PER_TARGET)
+    out = subprocess.run([sys.executable, str(script), *targets],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [line.rsplit(" ", 1)[0] for line in out.stdout.splitlines()] == targets

@@ -185,27 +185,30 @@ def _arg_specs(args: list) -> list:
 
 
 # ------------------------------------------------------------------------- MetaSchedule plumbing
-def _register_tensor_intrinsics(target: tvm.target.Target) -> None:
-    """Register only the tensor intrinsics of ``target``'s architecture.
+def register_tensor_intrinsics(target: tvm.target.Target) -> None:
+    """Register the tensor intrinsics of ``target``'s architecture (idempotent, any order of targets).
 
     MetaSchedule's ``TuneContext`` imports ``tvm.s_tir.tensor_intrin``, which registers every
     architecture's intrinsics (CUDA, ROCm, Hexagon, RISC-V...): 45-100 s on a small machine, per
-    process. When nothing imported it yet, the package is entered with only this architecture's
-    submodule (its real path, so any other submodule still imports on demand).
+    process. When nothing imported it yet, the package is entered empty (its real path, so any
+    submodule still imports on demand); then this architecture's submodules are imported, on every
+    call: a process that tuned for aarch64 first still gets the x86 intrinsics (``dot_16x4_vnni``,
+    which MetaSchedule's x86 rules look up on VNNI CPUs) when it tunes for the host.
     """
     name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        return
+    if name not in sys.modules:
+        import types
+
+        import tvm.s_tir as s_tir
+
+        package = types.ModuleType(name, "Tensor intrinsics, entered per architecture by tvm_nested.tune")
+        package.__path__ = [os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin")]
+        package.__package__ = name
+        sys.modules[name] = package
     import importlib
-    import types
+    import platform
 
-    import tvm.s_tir as s_tir
-
-    arch = str(target.attrs.get("mtriple", "x86_64")).split("-")[0]
-    package = types.ModuleType(name, "Tensor intrinsics, entered per architecture by tvm_nested.tune")
-    package.__path__ = [os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin")]
-    package.__package__ = name
-    sys.modules[name] = package
+    arch = str(target.attrs.get("mtriple", "") or platform.machine()).split("-")[0]
     for sub in _INTRIN_MODULES.get(arch, ()):
         importlib.import_module(f"{name}.{sub}")
 
@@ -460,7 +463,7 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
         if _is_nested(func):
             infos = [a.as_json() for a in ms.arg_info.ArgInfo.from_prim_func(func)]
             kernels[_signature(infos)] = _arg_specs(sites[t.task_name])
-    _register_tensor_intrinsics(tgt)
+    register_tensor_intrinsics(tgt)
     builder = _builder(tgt, runner)
     measure = _runner(runner, kernels=kernels, levels=levels, seed=seed)
     db = tunelog.database(path)
