@@ -38,11 +38,11 @@ class MatmulRelu:
 
 
 @pytest.fixture(scope="module")
-def matmul_relu_so(tmp_path_factory):
+def matmul_relu_so(tmp_path_factory, aarch64_cc):
     """MatmulRelu cross-compiled for aarch64 (NEON) into a shared library."""
     ex = tvm.compile(MatmulRelu, target=tvm.target.Target(TARGET))
     path = tmp_path_factory.mktemp("board") / "matmul_relu_aarch64.so"
-    ex.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))
+    ex.export_library(str(path), fcompile=cc.cross_compiler(aarch64_cc))
     assert int.from_bytes(path.read_bytes()[18:20], "little") == ELF_MACHINE_AARCH64
     return path
 
