@@ -3,7 +3,7 @@
     .venv/bin/python bench/accuracy.py [--config examples/digits.json] [--out bench/results]
 
 Trains the dense baseline, prunes it progressively into nested levels (densest first) with joint
-training of every level (tvm_nested.training), and writes accuracy.md (table), accuracy.png
+training of every level (tvm_nested.authoring.training), and writes accuracy.md (table), accuracy.png
 (accuracy vs % FLOPs per level) and accuracy.json. Seeded: the same config gives the same numbers
 on the same machine and torch build. Threads come from the config (2 by default).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tvm_nested.cli_train import load_config, run_experiment  # noqa: E402
+from tvm_nested.cli.train import load_config, run_experiment  # noqa: E402
 
 # paper targets (Grimaldi et al., arXiv 2112.10930) restated as this benchmark's pass criteria
 TARGETS = [

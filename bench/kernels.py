@@ -11,7 +11,7 @@ Peers per workload and level:
   torch_csr   torch.sparse_csr weight @ (im2col'd) input
   scipy_csr   scipy.sparse.csr_matrix weight @ (im2col'd) input (scipy is single-threaded)
   ideal       min(dense times) x density
-Tuned nested kernels are not measured here (tvm_nested.tune takes minutes per workload): see
+Tuned nested kernels are not measured here (tvm_nested.tuning takes minutes per workload): see
 bench/README.md.
 
 Usage: python bench/kernels.py [--threads 1 2] [--quick]
@@ -104,7 +104,7 @@ def _tvm_dense(kind, p, x, w_eff, target):
     import tvm
     from tvm import relax
 
-    from tvm_nested.schedules.cpu_dense import schedule_dense
+    from tvm_nested.pipeline import pipeline
 
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
@@ -118,9 +118,8 @@ def _tvm_dense(kind, p, x, w_eff, target):
                 y = bb.emit(relax.op.matmul(xv, relax.op.permute_dims(wv, [1, 0])))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    mod = schedule_dense(bb.get(), target)
-    with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=target)
+    with target, tvm.transform.PassContext(opt_level=3):  # legalized and scheduled as build does
+        return tvm.compile(bb.get(), target=target, relax_pipeline=pipeline(target, start_at="legalize"))
 
 
 def bench_workload(name, target, threads, rng, seed_offset=0):

@@ -1,4 +1,4 @@
-"""Nested ResNet-50 (tvm_nested.zoo.nested, seeded weights) at every level vs dense peers, CPU.
+"""Nested ResNet-50 (tvm_nested.authoring.zoo.nested, seeded weights) at every level vs dense peers, CPU.
 
 Peers:
   nested       the one compiled module (tvm_nested.build(..., "llvm"), default schedules, untuned)
@@ -85,8 +85,8 @@ def main(argv=None):
     import tvm
 
     import tvm_nested
-    from tvm_nested import zoo
-    from tvm_nested.onnx_nest import ort_run
+    from tvm_nested.authoring import zoo
+    from tvm_nested.authoring.onnx_nest import ort_run
 
     load_start = os.getloadavg()[0]
     print(f"CPU {cpu_model()}, model {args.model}, dtype float32, batch 1, threads {args.threads}, "

@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,14 +87,20 @@ def _models():
     }
 
 
+def _fn(rt, name):
+    """One of the module's functions as a plain call (the runtime's own locking included)."""
+    return lambda *args: rt.invoke(name, list(args))
+
+
 def _build(model_cls, x):
     import torch
     import tvm
     from torch import nn
 
     import tvm_nested
-    from tvm_nested import nn as tnn
+    from tvm_nested.authoring import nn as tnn
     from tvm_nested import reroute
+    from tvm_nested.contract import DEADLINE_FUNC
 
     torch.manual_seed(0)
     dense = model_cls().eval()
@@ -109,11 +114,11 @@ def _build(model_cls, x):
     rt = lib.runtime()
     overhead = reroute.profile_overhead(rt, x, calls=200)
     # the staged path's own cost (quiet, before the load): main at level 0 vs main_deadline that never switches
-    a0 = rt._arguments([x], 0)
+    a0 = rt.arguments([x], 0)
     big = [*a0, tvm.runtime.tensor(np.array(1e12, "float64"))]
     walls = {"main": [], "main_deadline": []}
     for i in range(400):
-        for k, f, args in (("main", rt._vm["main"], a0), ("main_deadline", rt._vm[reroute.DEADLINE_FUNC], big)):
+        for k, f, args in (("main", _fn(rt, "main"), a0), ("main_deadline", _fn(rt, DEADLINE_FUNC), big)):
             t = time.perf_counter()
             f(*args)
             if i >= 50:
@@ -159,14 +164,13 @@ class Load:
 def _serve(rt, rt0, x, n_dense_cal: int, requests: int, time_limit: float, seed: int, cal_s: float = 0.0):
     import tvm
 
-    from tvm_nested import reroute
+    from tvm_nested.contract import DEADLINE_FUNC
 
     L = rt.num_levels
-    vm = rt._vm
-    args0 = rt._arguments([x], 0)
-    argsS = rt._arguments([x], L - 1)
-    main, dl = vm["main"], vm[reroute.DEADLINE_FUNC]
-    dl0 = rt0._vm[reroute.DEADLINE_FUNC]  # same kernels, rule without the overhead reserve
+    args0 = rt.arguments([x], 0)
+    argsS = rt.arguments([x], L - 1)
+    main, dl = _fn(rt, "main"), _fn(rt, DEADLINE_FUNC)
+    dl0 = _fn(rt0, DEADLINE_FUNC)  # same kernels, rule without the overhead reserve
 
     def call(f, args):
         t = time.perf_counter()

@@ -1,8 +1,17 @@
-"""Graph-level (Relax) passes of tvm-nested, in pipeline order (see tvm_nested/pipeline.py)."""
+"""Graph-level (Relax) passes of tvm-nested, one per module; the pipeline that orders them is
+``tvm_nested/pipeline.py``. Installed as ``tvm_nested.relay_passes``."""
 
+from .deadline import AddDeadlineFunction
 from .fold_batchnorm import FoldBatchNorm
 from .level_guard import LevelGuard
-from .lower_nested import INFO_ATTR, LowerNestedLayers, NestedLoweringWarning, read_nested_info
+from .lower_nested import LowerNestedLayers, NestedLoweringWarning, read_nested_info
+from .metadata import AttachMetadata, collect_metadata
+from .schedule import ApplyTuningLog, ReportUnscheduled, ScheduleKernels
+from .specialize import SpecializeKernels
+from .stages import SplitStages, read_stage_plan
 
-__all__ = ["FoldBatchNorm", "LowerNestedLayers", "LevelGuard", "INFO_ATTR", "NestedLoweringWarning",
-           "read_nested_info"]
+__all__ = [
+    "AddDeadlineFunction", "ApplyTuningLog", "AttachMetadata", "FoldBatchNorm", "LevelGuard",
+    "LowerNestedLayers", "NestedLoweringWarning", "ReportUnscheduled", "ScheduleKernels",
+    "SpecializeKernels", "SplitStages", "collect_metadata", "read_nested_info", "read_stage_plan",
+]

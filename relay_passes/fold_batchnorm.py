@@ -24,9 +24,9 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
-from tvm_nested._tvm import Constant, const_numpy, dtype_of
+from ..contract import Constant, const_numpy, dtype_of
 
-from .match import _is_call, _value, constant_of
+from .match import binding_value, constant_of, is_call
 
 _x, _w, _b = wildcard(), wildcard(), wildcard()
 _conv = is_op("relax.nn.conv2d")(_x, _w)
@@ -47,16 +47,16 @@ def _scaled_weight(w_value, scale: np.ndarray, var2val):
 
     if isinstance(w_value, Constant):
         return scaled(w_value)
-    if _is_call(w_value, "relax.multiply"):
+    if is_call(w_value, "relax.multiply"):
         a, b = w_value.args
         for i, arg in enumerate((a, b)):
-            c = _value(arg, var2val)
+            c = binding_value(arg, var2val)
             if isinstance(c, Constant) and (new := scaled(c)) is not None:
                 return relax.op.multiply(new, b) if i == 0 else relax.op.multiply(a, new)
         return None
-    if _is_call(w_value, "relax.where"):
+    if is_call(w_value, "relax.where"):
         cond, c, zero = w_value.args
-        c = _value(c, var2val)
+        c = binding_value(c, var2val)
         if isinstance(c, Constant) and (new := scaled(c)) is not None:
             return relax.op.where(cond, new, zero)
     return None
@@ -87,7 +87,7 @@ def _fold(call: relax.Expr, m: dict, var2val) -> relax.Expr:
             return call
         bias = b.reshape(-1).astype(np.float64)
 
-    new_w = _scaled_weight(_value(conv.args[1], var2val), scale, var2val)
+    new_w = _scaled_weight(binding_value(conv.args[1], var2val), scale, var2val)
     if new_w is None:
         return call
     new_bias = ((bias - mean) * scale + shift).astype(np.float32).reshape(1, O, 1, 1)

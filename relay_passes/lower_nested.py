@@ -25,16 +25,14 @@ import json
 import math
 import warnings
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_nested._tvm import dtype_of
-
+from ..contract import FORMAT_VERSION, INFO_ATTR, dtype_of
+from ..schedules.format import NestedCSR, csr_nbytes
+from ..schedules.kernels import nested_conv2d, nested_linear
 from .match import NestedLayer, find_nested_layers
-
-INFO_ATTR = "nested.info"
 
 
 class NestedLoweringWarning(UserWarning):
@@ -56,8 +54,6 @@ class _Plan:
 
 
 def _kernel(layer: NestedLayer, fmt):
-    from tvm_nested.schedules.kernels import nested_conv2d, nested_linear
-
     has_bias = layer.bias is not None
     if layer.op == "conv2d":
         c = layer.conv
@@ -71,8 +67,6 @@ def _batch(layer: NestedLayer) -> int:
 
 
 def _info_record(layer: NestedLayer, fmt, num_levels: int) -> dict:
-    from tvm_nested.schedules.format import csr_nbytes
-
     return {
         "name": layer.name,
         "op": layer.op,
@@ -139,8 +133,6 @@ class _Lowerer(PyExprMutator):
 
 
 def _lower_module(mod: tvm.IRModule) -> tvm.IRModule:
-    from tvm_nested.schedules.format import FORMAT_VERSION, NestedCSR
-
     found: list[tuple[tvm.ir.GlobalVar, list[NestedLayer]]] = []
     tops = []  # the largest level of every nested level map, lowered or left dense
     for gv, func in mod.functions_items():

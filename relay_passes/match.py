@@ -29,7 +29,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, wildcard
 
-from tvm_nested._tvm import Constant, const_numpy, dtype_of
+from ..contract import Constant, const_numpy, dtype_of
 
 # ---------------------------------------------------------------------------------------- patterns
 _lm = wildcard()
@@ -89,21 +89,21 @@ class NestedLayer:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _value(expr, var2val):
+def binding_value(expr, var2val):
     """Follow variables to the expression bound to them."""
     while isinstance(expr, relax.Var) and expr in var2val:
         expr = var2val[expr]
     return expr
 
 
-def _is_call(expr, name: str) -> bool:
+def is_call(expr, name: str) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
 
 
 def _strip_casts(expr, var2val):
-    expr = _value(expr, var2val)
-    while _is_call(expr, "relax.astype"):
-        expr = _value(expr.args[0], var2val)
+    expr = binding_value(expr, var2val)
+    while is_call(expr, "relax.astype"):
+        expr = binding_value(expr.args[0], var2val)
     return expr
 
 
@@ -126,18 +126,18 @@ def _is_zero(expr, var2val) -> bool:
     expr = _strip_casts(expr, var2val)
     if isinstance(expr, Constant):
         return not np.any(const_numpy(expr))
-    if _is_call(expr, "relax.zeros") or _is_call(expr, "relax.zeros_like"):
+    if is_call(expr, "relax.zeros") or is_call(expr, "relax.zeros_like"):
         return True
-    if _is_call(expr, "relax.full") or _is_call(expr, "relax.full_like"):
+    if is_call(expr, "relax.full") or is_call(expr, "relax.full_like"):
         return _is_zero(expr.args[1], var2val)
     return False
 
 
 def constant_of(expr, var2val) -> np.ndarray | None:
     """The NumPy value of ``expr`` if it is a constant, possibly behind bindings and reshapes."""
-    expr = _value(expr, var2val)
-    while _is_call(expr, "relax.reshape"):
-        expr = _value(expr.args[0], var2val)
+    expr = binding_value(expr, var2val)
+    while is_call(expr, "relax.reshape"):
+        expr = binding_value(expr.args[0], var2val)
     return const_numpy(expr) if isinstance(expr, Constant) else None
 
 
@@ -152,7 +152,7 @@ def level_param(level_expr, params, var2val):
 # ---------------------------------------------------------------------------------- recognition
 def match_layer(value, label: str, params, var2val, val2var):
     """Recognise one bound value: a NestedLayer, or None; raises Unsupported / ValueError."""
-    if not (_is_call(value, "relax.nn.conv2d") or _is_call(value, "relax.matmul")):
+    if not (is_call(value, "relax.nn.conv2d") or is_call(value, "relax.matmul")):
         return None
     for kind, pattern in _LAYER_PATTERNS:
         m = pattern.extract_matched_expr(value, var2val)
@@ -170,7 +170,7 @@ def match_layer(value, label: str, params, var2val, val2var):
 
     op = "conv2d" if kind == "conv2d" else "linear"
     where = f"nested {op} {label}"
-    w_expr = _value(m[_w], var2val)
+    w_expr = binding_value(m[_w], var2val)
     if not isinstance(w_expr, Constant):
         raise ValueError(f"{where}: the weight is not a constant; bind the parameters first "
                          f"(e.g. from_exported_program without keep_params_as_input, or BindParams)")
@@ -215,7 +215,7 @@ def match_layer(value, label: str, params, var2val, val2var):
         if W.ndim != 2 or len(x_shape) < 2:
             raise Unsupported(f"{where}: only a 2-D weight with an input of rank >= 2 is supported; left dense", top)
         if kind == "linear":
-            pd = _value(value.args[1], var2val)
+            pd = binding_value(value.args[1], var2val)
             axes = pd.attrs.axes
             if axes is not None and [int(i) for i in axes] != [1, 0]:
                 return None
@@ -278,7 +278,7 @@ def find_nested_layers(func: relax.Function) -> tuple[list[NestedLayer], list[Un
         for b in block.bindings:
             if not isinstance(b, relax.VarBinding):
                 continue
-            op_hint = "conv2d" if _is_call(b.value, "relax.nn.conv2d") else "linear"
+            op_hint = "conv2d" if is_call(b.value, "relax.nn.conv2d") else "linear"
             label = f"{op_hint}_{position[op_hint]} ({b.var.name})"
             try:
                 layer = match_layer(b.value, label, params, var2val, val2var)
@@ -297,7 +297,7 @@ def find_nested_layers(func: relax.Function) -> tuple[list[NestedLayer], list[Un
     uses = _uses(func)
     for block in func.body.blocks:
         for b in block.bindings:
-            if not (isinstance(b, relax.VarBinding) and _is_call(b.value, "relax.add")):
+            if not (isinstance(b, relax.VarBinding) and is_call(b.value, "relax.add")):
                 continue
             for arg in b.value.args:
                 layer = layers.get(arg) if isinstance(arg, relax.Var) else None

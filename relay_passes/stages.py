@@ -37,9 +37,9 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..contract import LEVEL, STAGE_PREFIX, STAGES_ATTR
 
-STAGES_ATTR = "nested.stages"
-STAGE_PREFIX = "nested_stage_"
+
 
 
 def read_stage_plan(mod: tvm.IRModule) -> dict | None:
@@ -133,7 +133,7 @@ class _Binding:
 
 
 def _analyse(mod: tvm.IRModule, func: relax.Function):
-    level = next((p for p in func.params if p.name == "level"), None)
+    level = next((p for p in func.params if p.name == LEVEL), None)
     if level is None:
         raise ValueError("SplitStages: main has no 'level' parameter (run it on a module from tvm_nested.from_onnx/from_torch)")
     body = func.body
@@ -262,7 +262,7 @@ class _Substitute(PyExprMutator):
 
 def _emit_stage(bb, name, level, inputs, bindings, result, mod):
     params = [relax.Var(v.name, v.ty) for v in inputs]
-    lvl = relax.Var("level", level.ty)
+    lvl = relax.Var(LEVEL, level.ty)
     vmap = dict(zip(inputs, params))
     vmap[level] = lvl
     sub = _Substitute(mod, vmap)

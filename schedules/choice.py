@@ -31,6 +31,8 @@ import numpy as np
 import tvm
 import tvm_ffi
 
+from ..contract import ATTR_NUM_LEVELS, IS_SCHEDULED, as_target
+from .cpu import is_nested_kernel, schedule_cpu, specialize_cpu
 from .kernels import ATTR_LAYOUT, ATTR_OP, dense_levels_of, specialize_conv
 
 CHOICE_FILE = "nested_choices.json"
@@ -115,8 +117,6 @@ def apply_choices(mod, tables: dict | None) -> tuple[tvm.IRModule, dict[str, lis
 
 
 def _time_kernel(func, target, args, levels, number, repeat) -> list[float]:
-    from .cpu import schedule_cpu
-
     ex = tvm.compile(schedule_cpu(func, target), target=target)
     dev = tvm.cpu()
     tensors = []
@@ -147,8 +147,6 @@ def measure_choices(mod, target, levels=None, *, number: int = 3, repeat: int = 
     Returns ``{key: {"name", "table", "sparse_s", "dense_s"}}`` (``table`` from ``choose``).
     Runs on this machine (local CPU); ``mod`` is lowered and specialised (``specialize_cpu``).
     """
-    from .kernels import ATTR_NUM_LEVELS
-
     out = {}
     for name, func, args, key in kernels_with_keys(mod):
         num_levels = int(func.attrs[ATTR_NUM_LEVELS])
@@ -207,16 +205,14 @@ def specialize_module(mod, target, tables: dict | None = None):
 
     What ``build`` and ``tune`` both run before tuning / applying a log, so a tuning log records
     the very kernels that are compiled. Returns ``(mod, {kernel: dense levels})``."""
-    from .cpu import _as_target, is_nested_kernel, specialize_cpu
-
-    target = _as_target(target)
+    target = as_target(target)
     if target.kind.name != "llvm":
         return mod, {}
     mod = mod.clone()  # update_func below must not touch the caller's module
     for gv, func in list(mod.functions_items()):
         if not is_nested_kernel(func):
             continue
-        if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+        if func.attrs is not None and bool(func.attrs.get(IS_SCHEDULED, False)):
             continue
         new = specialize_cpu(func, target)
         if new is not func:

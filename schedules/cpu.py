@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
-from tvm.s_tir import Schedule
 from tvm.target.codegen import llvm_cpu_has_features
 
+from ..contract import IS_SCHEDULED, Schedule, as_target, fresh_copy
 from .kernels import (ATTR_CONV, ATTR_KERNEL, ATTR_LANES, ATTR_LAYOUT, ATTR_OP, KERNEL_VERSION,
                       specialize_conv, with_lanes)
 
@@ -67,13 +67,11 @@ _FAMILY_FEATURE: tuple[tuple[str, str], ...] = (
 )
 
 
-def _as_target(target) -> tvm.target.Target:
-    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
 
 
 def target_family(target) -> str:
     """The key of ``CPU_KNOBS`` for an llvm target."""
-    target = _as_target(target)
+    target = as_target(target)
     with target:
         for family, feature in _FAMILY_FEATURE:
             if llvm_cpu_has_features([feature], target):
@@ -233,10 +231,6 @@ def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
         sch.decompose_reduction(red, j_loop)
 
 
-def _fresh_copy(func):
-    """A deep copy: ``Schedule`` rewrites the statements of the function it is given in place, and
-    a schedule rule must leave its input intact (callers keep and reuse unscheduled kernels)."""
-    return tvm.ir.load_json(tvm.ir.save_json(func))
 
 
 def specialize_cpu(func, target, knobs: CPUKnobs | None = None):
@@ -247,7 +241,7 @@ def specialize_cpu(func, target, knobs: CPUKnobs | None = None):
     ``tune`` call this BEFORE tuning and applying a log, so a log records the kernel that runs."""
     if not is_nested_kernel(func):
         return func
-    target = _as_target(target)
+    target = as_target(target)
     knobs = knobs or default_knobs(target)
     op = str(func.attrs[ATTR_OP])
     if op == "linear" and int(func.attrs.get(ATTR_LANES, 1)) == 1:
@@ -262,14 +256,14 @@ def specialize_cpu(func, target, knobs: CPUKnobs | None = None):
 
 def schedule_cpu(func, target, knobs: CPUKnobs | None = None):
     """Schedule a nested kernel for an llvm (CPU) target; None when the rule does not apply."""
-    target = _as_target(target)
+    target = as_target(target)
     if target.kind.name != "llvm" or not is_nested_kernel(func):
         return None
     knobs = knobs or default_knobs(target)
     func = specialize_cpu(func, target, knobs)
-    sch = Schedule(_fresh_copy(func))
+    sch = Schedule(fresh_copy(func))
     apply_knobs(sch, knobs)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch.mod["main"].with_attr(IS_SCHEDULED, True)
 
 
 __all__ = ["CPUKnobs", "CPU_KNOBS", "target_family", "default_knobs", "is_nested_kernel",

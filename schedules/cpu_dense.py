@@ -1,9 +1,9 @@
 """Default CPU schedules for the dense remainder of a model (what the nested kernels do not cover).
 
 TVM 0.27's CPU pipeline legalizes Relax ops into plain loop nests and schedules none of them
-(pooling, elementwise, softmax, any conv/matmul left dense run serial and scalar). ``schedule_dense``
-legalizes and fuses the module the way the CPU pipeline does, then gives every PrimFunc that is not
-a nested kernel and not scheduled yet one simple schedule, block by block (root children only):
+(pooling, elementwise, softmax, any conv/matmul left dense run serial and scalar).
+``schedule_dense_func`` gives one legalized PrimFunc that is not a nested kernel and not scheduled
+yet one simple schedule, block by block (root children only):
 
 * spatial-only (injective) block: all loops fused, split by a vector, outer part parallel, inner
   part vectorised;
@@ -13,19 +13,17 @@ a nested kernel and not scheduled yet one simple schedule, block by block (root 
   decomposed out of the reduction.
 
 A block the rule cannot schedule (non-constant extents, opaque structure) keeps its loops; the
-functions left wholly unscheduled are reported by ``build``. Tuning (``tvm_nested.tune``) replaces
+functions left wholly unscheduled are reported (``relay_passes.ReportUnscheduled``). Tuning (``tvm_nested.tune``) replaces
 these defaults where it has records.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import tvm
-from tvm import relax
-from tvm.s_tir import Schedule
 
+from ..contract import IS_SCHEDULED, Schedule, as_target, fresh_copy
 from .cpu import default_knobs, is_nested_kernel
 
 
@@ -37,8 +35,6 @@ class DenseKnobs:
     min_parallel: int = 2
 
 
-def _as_target(target) -> tvm.target.Target:
-    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
 
 
 def _vector(extent: int, max_vector: int) -> int:
@@ -117,16 +113,16 @@ def _schedule_block(sch: Schedule, block, knobs: DenseKnobs) -> None:
 
 def schedule_dense_func(func, target, knobs: DenseKnobs | None = None):
     """Schedule one legalized dense PrimFunc for an llvm target; None when the rule does not apply."""
-    target = _as_target(target)
+    target = as_target(target)
     if target.kind.name != "llvm" or not isinstance(func, tvm.tirx.PrimFunc) or is_nested_kernel(func):
         return None
     attrs = func.attrs
-    if attrs is not None and bool(attrs.get("tirx.is_scheduled", False)):
+    if attrs is not None and bool(attrs.get(IS_SCHEDULED, False)):
         return None
     if knobs is None:
         knobs = DenseKnobs(max_vector=2 * default_knobs(target).vector_lanes)
     try:
-        sch = Schedule(tvm.ir.load_json(tvm.ir.save_json(func)))
+        sch = Schedule(fresh_copy(func))
         root = sch.get_sblock("root")
     except Exception:  # noqa: BLE001 - no root block: not a TensorIR function this rule handles
         return None
@@ -142,10 +138,11 @@ def schedule_dense_func(func, target, knobs: DenseKnobs | None = None):
         done += 1
     if not done:
         return None
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch.mod["main"].with_attr(IS_SCHEDULED, True)
 
 
-def _has_blocks(func) -> bool:
+def has_blocks(func) -> bool:
+    """Whether ``func`` is TensorIR with blocks (hand-written plain loops are not)."""
     try:
         Schedule(func).get_sblock("root")
     except Exception:  # noqa: BLE001
@@ -153,43 +150,4 @@ def _has_blocks(func) -> bool:
     return True
 
 
-def legalize_passes() -> list[tvm.transform.Pass]:
-    """What TVM's CPU pipeline does first (cpu_generic.legalize_passes), so the PrimFuncs exist."""
-    return [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-
-
-def schedule_dense(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Legalize + fuse ``mod`` and schedule its dense PrimFuncs for an llvm target (else unchanged).
-
-    Nested kernels and functions already scheduled (tuning records) are left alone.
-    """
-    target = _as_target(target)
-    if target.kind.name != "llvm":
-        return mod
-    with target:
-        mod = tvm.transform.Sequential(legalize_passes())(mod)
-    unscheduled = []
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, tvm.tirx.PrimFunc) or is_nested_kernel(func):
-            continue
-        if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
-            continue
-        scheduled = schedule_dense_func(func, target)
-        if scheduled is None:
-            if _has_blocks(func):  # plain loop functions (no blocks) are hand-written: leave them
-                unscheduled.append(gv.name_hint)
-            continue
-        mod[gv] = scheduled
-    if unscheduled:
-        warnings.warn(f"no default CPU schedule for {len(unscheduled)} dense function(s): "
-                      f"{', '.join(sorted(unscheduled)[:8])} (they run as plain loops)", stacklevel=2)
-    return mod
-
-
-__all__ = ["DenseKnobs", "schedule_dense", "schedule_dense_func", "legalize_passes"]
+__all__ = ["DenseKnobs", "has_blocks", "schedule_dense_func"]

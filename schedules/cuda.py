@@ -33,10 +33,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-import tvm
-from tvm.s_tir import Schedule
 
-from .cpu import _fresh_copy, is_nested_kernel
+from ..contract import Schedule
+
+from ..contract import IS_SCHEDULED, as_target, fresh_copy
+from .cpu import is_nested_kernel
 from .kernels import ATTR_OP
 
 # CUDA's limit for statically sized shared memory per block (larger needs dynamic shared memory).
@@ -74,13 +75,11 @@ CUDA_KNOBS: dict[str, CUDAKnobs] = {
 }
 
 
-def _as_target(target) -> tvm.target.Target:
-    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
 
 
 def target_family(target) -> str:
     """The key of ``CUDA_KNOBS`` for a cuda target: the generation of its ``arch`` (``sm_XY``)."""
-    target = _as_target(target)
+    target = as_target(target)
     match = re.fullmatch(r"sm_(\d+)[a-z]?", str(target.attrs.get("arch", "")))
     if not match:
         return "generic"
@@ -97,7 +96,7 @@ def default_knobs(target) -> CUDAKnobs:
 
 def target_limits(target) -> tuple[int, int, int]:
     """(max threads per block, shared memory bytes per block for static allocations, warp size)."""
-    target = _as_target(target)
+    target = as_target(target)
     attrs = target.attrs
     threads = int(attrs.get("max_threads_per_block", attrs.get("max_num_threads", 1024)))
     shared = min(int(attrs.get("max_shared_memory_per_block", _STATIC_SHARED_LIMIT)),
@@ -133,7 +132,7 @@ class LaunchShape:
 
 def launch_shape(func, target, knobs: CUDAKnobs | None = None) -> LaunchShape:
     """The block shape the schedule gives ``func`` on ``target`` under ``knobs``."""
-    target = _as_target(target)
+    target = as_target(target)
     knobs = knobs or default_knobs(target)
     max_threads, _, _ = target_limits(target)
     op = str(func.attrs[ATTR_OP])
@@ -237,23 +236,23 @@ def apply_knobs(sch: Schedule, shape: LaunchShape, stage: bool, ty_rv=None, tx_r
 
 def schedule_with(func, target, knobs: CUDAKnobs):
     """``func`` scheduled for ``target`` with explicit ``knobs`` (a deep copy; ``func`` is kept)."""
-    target = _as_target(target)
+    target = as_target(target)
     shape = launch_shape(func, target, knobs)
     _, max_shared, _ = target_limits(target)
     budget = int(max_shared * knobs.shared_fraction)
     stage = knobs.stage_shared
-    sch = Schedule(_fresh_copy(func))
+    sch = Schedule(fresh_copy(func))
     staged = apply_knobs(sch, shape, stage)
     if staged is not None and 4 * _staged_elements(sch, staged) > budget:
         # the block's window does not fit the budget: read the dense operand from global memory
-        sch = Schedule(_fresh_copy(func))
+        sch = Schedule(fresh_copy(func))
         apply_knobs(sch, shape, False)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch.mod["main"].with_attr(IS_SCHEDULED, True)
 
 
 def schedule_cuda(func, target, knobs: CUDAKnobs | None = None):
     """Schedule a nested kernel for a cuda target; None when the rule does not apply."""
-    target = _as_target(target)
+    target = as_target(target)
     if target.kind.name != "cuda" or not is_nested_kernel(func):
         return None
     return schedule_with(func, target, knobs or default_knobs(target))
@@ -277,7 +276,7 @@ def _candidates(func, target, knobs: CUDAKnobs) -> tuple[list[int], list[int]]:
 
 def _space_fn(target, knobs: CUDAKnobs | None = None):
     """The body of ``cuda_space``: schedule one nested kernel with sampled block shapes."""
-    target = _as_target(target)
+    target = as_target(target)
     knobs = knobs or default_knobs(target)
 
     def fn(sch: Schedule) -> Schedule:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from ..contract import FORMAT_VERSION
 
 
 def _index_dtype(max_value: int) -> np.dtype:

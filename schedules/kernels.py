@@ -26,13 +26,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tvm.script import tirx as T
-
+from ..contract import ATTR_NUM_LEVELS, ATTR_OP, NOALIAS, T
 from .format import NestedCSR
 
 # attrs every nested kernel carries (schedules and build find kernels by them)
-ATTR_OP = "nested.op"
-ATTR_NUM_LEVELS = "nested.num_levels"
 ATTR_KERNEL = "nested.kernel"  # "<op>/v<FORMAT layout version>": which block structure to expect
 ATTR_DENSE_EXTENT = "nested.dense_extent"  # extent of the dense (vector) dimension in "update"
 KERNEL_VERSION = 1
@@ -72,7 +69,7 @@ def _check_fmt(fmt) -> NestedCSR:
 def _attrs(op: str, fmt: NestedCSR | None, dense_extent: int, num_levels: int | None = None,
            **extra) -> dict:
     attrs = {
-        "tir.noalias": True,
+        NOALIAS: True,
         ATTR_OP: op,
         ATTR_NUM_LEVELS: fmt.num_levels if fmt is not None else num_levels,
         ATTR_KERNEL: f"{op}/v{KERNEL_VERSION}",

@@ -33,7 +33,7 @@ def aarch64_cc():
 
     Installed through apt where the session is root (CI); otherwise missing tools skip with the reason.
     """
-    from tvm_nested.board import BoardError, install_host_tools, missing_host_tools
+    from tvm_nested.deploy.board import BoardError, install_host_tools, missing_host_tools
 
     need = missing_host_tools()
     if need:

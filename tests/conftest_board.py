@@ -1,4 +1,4 @@
-"""pytest plugin: the emulated aarch64 board (``tvm_nested.board``) as session fixtures.
+"""pytest plugin: the emulated aarch64 board (``tvm_nested.deploy.board``) as session fixtures.
 
 Registered from ``tests/conftest.py``. Fixtures:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tvm_nested.board import (
+from tvm_nested.deploy.board import (
     BOARD_KEY,
     Board,
     BoardEnv,

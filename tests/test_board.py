@@ -17,7 +17,8 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.support import cc  # 0.27: tvm.contrib.cc moved to tvm.support.cc
 
-from tvm_nested import board as tb
+from tvm_nested.deploy import board as tb
+from tvm_nested.deploy import connect
 
 pytestmark = pytest.mark.board
 
@@ -49,9 +50,9 @@ def matmul_relu_so(tmp_path_factory, aarch64_cc):
 
 def _open_session(via, request):
     if via == "direct":
-        return tb.connect(request.getfixturevalue("board_server").address, session_timeout=120)
+        return connect(request.getfixturevalue("board_server").address, session_timeout=120)
     trk = request.getfixturevalue("board_tracker")
-    return tb.connect(tracker=trk.address, key=trk.key, session_timeout=120)
+    return connect(tracker=trk.address, key=trk.key, session_timeout=120)
 
 
 @pytest.mark.parametrize("via", ["direct", "tracker"])
@@ -73,17 +74,17 @@ def test_cross_compiled_matmul_relu_runs_on_board(via, request, matmul_relu_so):
 @pytest.mark.parametrize("via", ["direct", "tracker"])
 def test_unreachable_board_fails_fast(via):
     dead = ("127.0.0.1", tb.free_port("127.0.0.1", 20000, 21000))  # nobody listens there
-    kw = {"address": dead} if via == "direct" else {"tracker": dead}
+    kw = {"rpc": dead} if via == "direct" else {"tracker": dead, "key": tb.BOARD_KEY}
     t0 = time.monotonic()
     with pytest.raises(tb.BoardError, match=f"127.0.0.1:{dead[1]} unreachable"):
-        tb.connect(**kw, timeout=5)
+        connect(**kw, timeout=5)
     assert time.monotonic() - t0 < 10
 
 
 def test_tracker_without_the_key_fails_fast(board_tracker):
     t0 = time.monotonic()
     with pytest.raises(tb.BoardError, match="no free server with key 'no-such-board'"):
-        tb.connect(tracker=board_tracker.address, key="no-such-board", timeout=3)
+        connect(tracker=board_tracker.address, key="no-such-board", timeout=3)
     assert time.monotonic() - t0 < 10
 
 

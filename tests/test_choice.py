@@ -12,8 +12,8 @@ import tvm
 from torch import nn
 
 import tvm_nested
-from tvm_nested import nn as tnn
-from tvm_nested import pipeline
+from ir_checks import run_pipeline
+from tvm_nested.authoring import nn as tnn
 from tvm_nested.schedules import NestedCSR, nested_conv2d, nested_conv2d_ref, schedule_cpu
 from tvm_nested.schedules.choice import (CHOICE_FILE, apply_choices, choose, kernel_key,
                                          kernels_with_keys, load_choices, save_choices,
@@ -124,13 +124,13 @@ def test_choice_table_from_log_is_compiled_in_and_recorded(net, tmp_path):
     """A table in the log (as tune writes it) makes build compile the dense path for those levels;
     the numbers stay those of the model at every level."""
     model, x, mod = net
-    lowered, _ = specialize_module(pipeline.lower(mod), HOST)
+    lowered, _ = specialize_module(run_pipeline(mod), HOST)
     kernels = kernels_with_keys(lowered)
     assert len(kernels) == 2
     (name0, _, _, key0), (name1, _, _, key1) = kernels
     measured = {key0: {"name": name0, "table": [1, 0, 1], "sparse_s": [], "dense_s": []},
                 key1: {"name": name1, "table": [0, 0, 0], "sparse_s": [], "dense_s": []}}
-    from tvm_nested import tunelog
+    from tvm_nested.schedules import tuning_log as tunelog
 
     tunelog.open_for_tuning(tmp_path, tvm_nested.parse_target("llvm"))  # as tune: manifest first
     save_choices(tmp_path, measured, str(HOST))

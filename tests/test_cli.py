@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tvm_nested import cli
-from tvm_nested import nn as tnn
+from tvm_nested.authoring import nn as tnn
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_compile_and_run_pt2(pt2, tmp_path, capsys):
 def test_compile_onnx(tmp_path, capsys):
     import onnx
 
-    from tvm_nested.zoo import nested
+    from tvm_nested.authoring.zoo import nested
 
     path = tmp_path / "squeezenet.onnx"
     onnx.save(nested("squeezenet", densities=(0.5, 0.1)), str(path))

@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from ir_checks import loop_kinds
 from tvm import relax
-from tvm.script import relax as R
 
-from tvm_nested.schedules.cpu_dense import legalize_passes, schedule_dense, schedule_dense_func
+from tvm_nested.pipeline import pipeline
+from tvm_nested.schedules.cpu_dense import schedule_dense_func
 
 HOST = tvm.target.Target("llvm")
+
+
+def _legalized(mod, stop_after="legalize"):
+    """``mod`` through the pipeline's legalize phase (and on to ``stop_after``)."""
+    with HOST, tvm.transform.PassContext(opt_level=3):
+        return pipeline(HOST, start_at="legalize", stop_after=stop_after)(mod)
 
 
 def _module(kind: str) -> tvm.IRModule:
@@ -59,11 +66,11 @@ def test_scheduled_dense_matches_unscheduled(kind):
     mod = _module(kind)
     args = _inputs(kind)
     expect = _run(mod, args)
-    scheduled = schedule_dense(mod, HOST)
+    scheduled = _legalized(mod, stop_after="schedule")
     prims = [f for _, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert prims and all(bool(f.attrs["tirx.is_scheduled"]) for f in prims)
-    assert any("T.parallel" in f.script() for f in prims)
-    assert any("T.vectorized" in f.script() for f in prims)
+    assert any(loop_kinds(f)["parallel"] for f in prims)
+    assert any(loop_kinds(f)["vectorized"] for f in prims)
     np.testing.assert_allclose(_run(scheduled, args), expect, rtol=1e-5, atol=1e-5)
 
 
@@ -72,11 +79,8 @@ def test_rule_leaves_nested_kernels_and_other_targets_alone():
 
     fmt = NestedCSR.pack(np.ones((4, 8), np.float32), np.zeros((4, 8), np.int32), 1)
     assert schedule_dense_func(nested_linear(fmt, 1, False), HOST) is None
-    with HOST:
-        legal = tvm.transform.Sequential(legalize_passes())(_module("matmul_softmax"))
+    legal = _legalized(_module("matmul_softmax"))
     func = next(f for _, f in legal.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
     assert schedule_dense_func(func, tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) is None
     scheduled = schedule_dense_func(func, HOST)
     assert scheduled is not None and schedule_dense_func(scheduled, HOST) is None  # already scheduled
-    mod = _module("matmul_softmax")
-    assert schedule_dense(mod, tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) is mod

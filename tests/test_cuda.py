@@ -20,9 +20,8 @@ import tvm
 from torch import nn
 
 import tvm_nested
-from tvm_nested import nn as tnn
-from tvm_nested import pipeline
-from tvm_nested.build import schedule_kernels
+from ir_checks import run_pipeline, thread_tags
+from tvm_nested.authoring import nn as tnn
 from tvm_nested.schedules import NestedCSR, nested_conv2d, nested_linear
 from tvm_nested.schedules import reference as ref
 from tvm_nested.schedules.cuda import (
@@ -134,7 +133,7 @@ def torch_case():
 
 @pytest.fixture(scope="module")
 def squeezenet_case():
-    from tvm_nested.zoo import nested
+    from tvm_nested.authoring.zoo import nested
 
     model = nested("squeezenet", densities=(0.5, 0.2, 0.1, 0.05), seed=0)
     mod = tvm_nested.from_onnx(model)
@@ -209,9 +208,9 @@ def test_kernel_schedule_within_target_limits(case, target):
 
 def test_scheduling_keeps_the_input_function():
     func, _ = _linear("gemv")
-    before = func.script()
+    before = tvm.ir.save_json(func)
     schedule_cuda(func, parse_target(SM80))
-    assert func.script() == before
+    assert tvm.ir.save_json(func) == before
 
 
 def test_rule_does_not_apply_elsewhere():
@@ -281,7 +280,7 @@ def test_space_samples_and_replays(case):
 # ------------------------------------------------------------------------ whole models
 def test_model_every_nested_kernel_in_cuda_source(torch_case):
     _, _, mod, lib, _ = torch_case
-    names = _nested_names(pipeline.lower(mod))
+    names = _nested_names(run_pipeline(mod))
     assert len(names) == len(NESTED)
     kernels = _kernels(_cuda_source(lib.executable))
     max_threads, max_shared, _ = target_limits(lib.target)
@@ -295,27 +294,21 @@ def test_model_every_nested_kernel_in_cuda_source(torch_case):
 
 def test_every_primfunc_scheduled(torch_case):
     """After our rule and the default CUDA legalisation (dlight), every PrimFunc is thread-bound."""
-    from tvm.relax.backend.cuda import pipeline as cuda_pipeline
-
     _, _, mod, _, _ = torch_case
-    tgt = parse_target(SM80)
-    mod = schedule_kernels(pipeline.lower(mod), tgt)
-    with tgt:
-        mod = tvm.transform.Sequential(cuda_pipeline.library_dispatch_passes(tgt)
-                                       + cuda_pipeline.legalize_passes(tgt))(mod)
+    mod = run_pipeline(mod, SM80, stop_after="schedule")
     funcs = [(gv.name_hint, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(funcs) > len(NESTED)  # the dense remainder is there too
     for name, func in funcs:
         assert func.attrs is not None and func.attrs.get("tirx.is_scheduled", False), name
-        assert "threadIdx" in func.script() or "blockIdx" in func.script(), f"{name} has no thread binding"
+        assert thread_tags(func), f"{name} has no thread binding"
 
 
 def test_build_reports_unscheduled_kernel(torch_case, monkeypatch):
-    build_mod = importlib.import_module("tvm_nested.build")  # the module, not the function
+    from tvm_nested.relay_passes import schedule
 
     _, _, mod, _, _ = torch_case
-    monkeypatch.setattr(build_mod, "_schedule_rules", lambda: {})
-    with pytest.raises(RuntimeError, match=r"no cuda schedule for 4 nested kernel\(s\): nested_"):
+    monkeypatch.setattr(schedule, "NESTED_RULES", {})
+    with pytest.raises(RuntimeError, match=r"no cuda schedule for \d+ function\(s\) \(4 nested kernels\): nested_"):
         tvm_nested.build(mod, target=SM80)
 
 
@@ -336,7 +329,7 @@ def test_model_cuda_source_compiles_to_ptx(torch_case):
     with lib.target:
         ptx = nvcc.compile_cuda(src, target_format="ptx", arch="sm_80", compiler="nvcc").decode()
     assert ".target sm_80" in ptx
-    for name in _nested_names(pipeline.lower(mod)):
+    for name in _nested_names(run_pipeline(mod)):
         assert f".entry {name}_kernel" in ptx
 
 
@@ -345,7 +338,7 @@ def test_export_library_holds_cuda_source(torch_case, tmp_path):
     path = lib.export_library(tmp_path / "net_cuda.so")
     blob = open(path, "rb").read()
     assert blob[:4] == b"\x7fELF"  # the host library, loadable where TVM's CUDA runtime is
-    for name in _nested_names(pipeline.lower(mod)):
+    for name in _nested_names(run_pipeline(mod)):
         assert f"{name}_kernel".encode() in blob  # the CUDA source travels inside it
 
 
@@ -437,8 +430,8 @@ def test_gpu_torch_model_every_level(torch_case, cuda_compile_path, tmp_path):
 @pytest.mark.gpu
 @gpu
 def test_gpu_squeezenet_every_level(squeezenet_case, cuda_compile_path):
-    from tvm_nested.onnx_nest import ort_run
-    from tvm_nested.zoo import example_input
+    from tvm_nested.authoring.onnx_nest import ort_run
+    from tvm_nested.authoring.zoo import example_input
 
     model, mod, _ = squeezenet_case
     lib = tvm_nested.build(mod, target={"kind": "cuda", "arch": _device_arch()})

@@ -23,8 +23,8 @@ from torch import nn
 import tvm_nested
 from nested_models import ConvLinear
 from tvm_nested import deploy as dp
-from tvm_nested import nn as tnn
-from tvm_nested.board import BoardError
+from tvm_nested.authoring import nn as tnn
+from tvm_nested.deploy.board import BoardError
 from tvm_nested.cli import main as cli_main
 from tvm_nested.target import is_cross, parse_target
 
@@ -71,11 +71,13 @@ def test_preset_cpus():
 
 
 def test_export_without_cross_libc_names_both_packages(nested, monkeypatch):
-    import importlib
+    import dataclasses
 
-    b = importlib.import_module("tvm_nested.build")  # the module (tvm_nested.build is also the function)
-    monkeypatch.setattr(b, "_CROSS_CC", {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu "
-                                                     "libc6-dev-arm64-cross", "/nonexistent/crti.o")})
+    from tvm_nested import contract
+
+    real = contract.CROSS_TOOLCHAINS["aarch64"]
+    monkeypatch.setitem(contract.CROSS_TOOLCHAINS, "aarch64",
+                        dataclasses.replace(real, libc_file="/nonexistent/crti.o"))
     with pytest.raises(RuntimeError, match="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"):
         nested["lib"].export_library(nested["root"] / "never.so")
 
@@ -186,7 +188,7 @@ def test_board_that_never_answers_fails_within_the_timeout(via, silent_port):
 
 
 def test_cli_deploy_to_a_dead_board_is_a_clear_error(nested, capsys):
-    from tvm_nested.board import free_port
+    from tvm_nested.deploy.board import free_port
 
     dead = free_port("127.0.0.1", 21000, 22000)
     t0 = time.monotonic()
@@ -206,8 +208,8 @@ def test_tracker_without_the_key_fails_within_the_timeout(board_tracker):
 def test_remote_tuning_log_is_reused_for_the_board_and_refused_elsewhere(board_tracker, tmp_path, aarch64_cc):
     """A few trials of one tiny nested kernel measured ON the board (cross-compiled .so candidates),
     then builds for that board reuse the log without measuring; other boards' targets refuse it."""
-    from tvm_nested import tunelog
-    from tvm_nested.tune import RPCSettings, tune
+    from tvm_nested.schedules import tuning_log as tunelog
+    from tvm_nested.tuning import RPCSettings, tune
 
     torch.manual_seed(0)
     model = tnn.nest(nn.Sequential(nn.Linear(32, 16)).eval(), {"0": (0.5, 0.2)}).eval()
@@ -236,7 +238,7 @@ def test_remote_tuning_log_is_reused_for_the_board_and_refused_elsewhere(board_t
 def test_nested_squeezenet_on_the_board(board_server, aarch64_cc):
     """A model-zoo network (SqueezeNet 1x3x224x224, nested at two levels) at every level on the board
     against the host build (about 30 s here: two compiles, ~1 s per emulated run)."""
-    from tvm_nested import zoo
+    from tvm_nested.authoring import zoo
 
     model = zoo.nested("squeezenet", densities=(0.5, 0.2), keep_first_dense=True)
     mod = tvm_nested.from_onnx(model)

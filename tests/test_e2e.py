@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import tvm_nested
-from tvm_nested import nn as tnn
+from tvm_nested.authoring import nn as tnn
 
 DENSITIES = (0.5, 0.2, 0.1, 0.05)
 
@@ -184,8 +184,8 @@ def test_load_missing_file(tmp_path):
 @pytest.mark.parametrize("name", ["squeezenet", "shufflenet"])
 def test_onnx_zoo_every_level(name):
     """Model-zoo architectures (seeded weights), every level against onnxruntime on the masked dense model."""
-    from tvm_nested.onnx_nest import ort_run
-    from tvm_nested.zoo import nested
+    from tvm_nested.authoring.onnx_nest import ort_run
+    from tvm_nested.authoring.zoo import nested
 
     model = nested(name, densities=DENSITIES, seed=0)
     inp = next(i for i in model.graph.input if i.name != "level"

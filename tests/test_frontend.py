@@ -9,7 +9,7 @@ from torch import nn
 
 import tvm
 from tvm import relax
-from tvm_nested import nn as tnn
+from tvm_nested.authoring import nn as tnn
 from tvm_nested.frontend import from_onnx, from_torch
 
 DENS = [0.5, 0.25, 0.1]

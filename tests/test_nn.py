@@ -1,4 +1,4 @@
-"""tvm_nested.nn and tvm_nested.levelmap: nested layers equal the dense model with W * (LM >= l)."""
+"""tvm_nested.authoring.nn and tvm_nested.authoring.levelmap: nested layers equal the dense model with W * (LM >= l)."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tvm_nested import levelmap as lmod
-from tvm_nested import nn as tnn
+from tvm_nested.authoring import levelmap as lmod
+from tvm_nested.authoring import nn as tnn
 
 DENSITIES = [0.6, 0.3, 0.1]
 L = len(DENSITIES)

@@ -1,12 +1,12 @@
-"""tvm_nested.onnx_nest: nest_onnx output is valid ONNX and ORT at every level equals W * (LM >= l)."""
+"""tvm_nested.authoring.onnx_nest: nest_onnx output is valid ONNX and ORT at every level equals W * (LM >= l)."""
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tvm_nested import onnx_nest as on
-from tvm_nested.levelmap import NestingError, levelmap_by_magnitude
+from tvm_nested.authoring import onnx_nest as on
+from tvm_nested.authoring.levelmap import NestingError, levelmap_by_magnitude
 
 DENS = [0.6, 0.3, 0.1]
 L = len(DENS)

@@ -18,8 +18,8 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
+from tvm_nested.contract import INFO_ATTR
 from tvm_nested.relay_passes import (
-    INFO_ATTR,
     FoldBatchNorm,
     LowerNestedLayers,
     NestedLoweringWarning,
@@ -497,7 +497,7 @@ def test_torch_exported_model_every_level():
     torch = pytest.importorskip("torch")
     from tvm.relax.frontend.torch import from_exported_program
 
-    import tvm_nested.nn as tnn
+    import tvm_nested.authoring.nn as tnn
 
     torch.manual_seed(0)
 

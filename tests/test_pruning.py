@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune
 
-from tvm_nested.levelmap import NestingError
-from tvm_nested.nn import NestedModel
-from tvm_nested.pruning import (
+from tvm_nested.authoring.levelmap import NestingError
+from tvm_nested.authoring.nn import NestedModel
+from tvm_nested.authoring.pruning import (
     PruningConfig, level_stats, levelmap_structured, levelmaps_from_masks, levelmaps_from_prune,
     nest_pruned, nested_levelmaps, prune_model, weights_of,
 )
@@ -149,11 +149,11 @@ def _small_model():
 
 def _pruned_levels(amounts, method=prune.l1_unstructured):
     """One model per level; level k+1 continues pruning level k's model (torch's PruningContainer)."""
-    from tvm_nested.pruning import _copy_pruned
+    from tvm_nested.authoring.pruning import copy_pruned
 
     models, m = [], _small_model()
     for amount in amounts:
-        m = _copy_pruned(m)
+        m = copy_pruned(m)
         for layer in (m[0], m[3]):
             method(layer, "weight", amount=amount)
         models.append(m)

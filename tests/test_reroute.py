@@ -16,8 +16,11 @@ import tvm
 from torch import nn
 
 import tvm_nested
-from tvm_nested import nn as tnn
+from tvm_nested.authoring import nn as tnn
+from ir_checks import run_pipeline
 from tvm_nested import reroute
+from tvm_nested.contract import DEADLINE_FUNC
+from tvm_nested.schedules import reroute_rule
 from tvm_nested.relay_passes.stages import SplitStages, read_stage_plan
 
 DENSITIES = (0.5, 0.2, 0.1)
@@ -99,7 +102,7 @@ def staged(request):
 
 # ------------------------------------------------------------------------------------- the rule
 def _rule_runner(k, levels, adaptive=False, overhead_us=0.0):
-    rule = reroute.reroute_rule(k, levels, adaptive=adaptive, overhead_us=overhead_us).with_attr("global_symbol", "rule")
+    rule = reroute_rule.reroute_rule(k, levels, adaptive=adaptive, overhead_us=overhead_us).with_attr("global_symbol", "rule")
     ex = tvm.compile(tvm.IRModule({"rule": rule}), "llvm")
 
     def run(table, elapsed_us, deadline_us, level, stage, spent_us=0.0):
@@ -129,7 +132,7 @@ TABLE = np.array([[100.0, 60.0, 30.0], [100.0, 60.0, 30.0], [100.0, 60.0, 30.0],
         "deadline-0", "huge", "from-level-1"])
 def test_table_rule_switches_exactly_where_it_should(elapsed, deadline, level, stage, expected):
     run = _rule_runner(*TABLE.shape, adaptive=False)
-    ref, spent = reroute.decide(TABLE, elapsed, deadline, level, stage, adaptive=False)
+    ref, spent = reroute_rule.decide(TABLE, elapsed, deadline, level, stage, adaptive=False)
     assert ref == expected
     assert run(TABLE, elapsed, deadline, level, stage) == (ref, spent)
     assert spent == TABLE[stage - 1, level]
@@ -154,7 +157,7 @@ def test_rule_never_goes_denser_even_with_a_noisy_table():
     # at level 1 (predicted 50 us left) with 90 us elapsed and a 105 us deadline, level 0 (10 us left)
     # would fit but is denser: never considered; the sparsest (5 us) fits
     assert run(table, 90.0, 105.0, 1, 1)[0] == 2
-    assert reroute.decide(table, 90.0, 105.0, 1, 1, adaptive=False)[0] == 2
+    assert reroute_rule.decide(table, 90.0, 105.0, 1, 1, adaptive=False)[0] == 2
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["table", "adaptive"])
@@ -166,7 +169,7 @@ def test_rule_on_random_tables_matches_numpy(adaptive):
         args = (float(rng.uniform(0, 300)), float(rng.uniform(0, 400)), int(rng.integers(0, 3)), int(rng.integers(1, 4)),
                 float(rng.uniform(0, 200)))
         got = run(table, *args)
-        ref = reroute.decide(table, *args, adaptive=adaptive)
+        ref = reroute_rule.decide(table, *args, adaptive=adaptive)
         assert got[0] == ref[0] and got[1] == pytest.approx(ref[1]), args
 
 
@@ -175,14 +178,14 @@ def test_overhead_reserve_moves_the_switch_point():
     run = _rule_runner(*TABLE.shape, adaptive=False, overhead_us=50.0)
     # without the reserve 100 + 300 <= 400 keeps level 0; with it 100 + 350 > 400: level 1 (100 + 230)
     assert _rule_runner(*TABLE.shape)(TABLE, 100.0, 400.0, 0, 1)[0] == 0
-    assert run(TABLE, 100.0, 400.0, 0, 1) == (1, 100.0) == reroute.decide(TABLE, 100.0, 400.0, 0, 1, adaptive=False,
+    assert run(TABLE, 100.0, 400.0, 0, 1) == (1, 100.0) == reroute_rule.decide(TABLE, 100.0, 400.0, 0, 1, adaptive=False,
                                                                           overhead_us=50.0)
     assert run(TABLE, 100.0, 450.0, 0, 1)[0] == 0  # 100 + 350 fits exactly
     # adaptive: twice slower than profiled doubles the reserve too: 200 + 2 * (300 + 50) = 900
     runa = _rule_runner(*TABLE.shape, adaptive=True, overhead_us=50.0)
     assert runa(TABLE, 200.0, 900.0, 0, 1)[0] == 0 and runa(TABLE, 200.0, 899.0, 0, 1)[0] == 1
     with pytest.raises(ValueError, match="overhead_us"):
-        reroute.reroute_rule(4, 3, overhead_us=-1.0)
+        reroute_rule.reroute_rule(4, 3, overhead_us=-1.0)
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["table", "adaptive"])
@@ -194,7 +197,7 @@ def test_rule_with_overhead_on_random_tables_matches_numpy(adaptive):
         args = (float(rng.uniform(0, 300)), float(rng.uniform(0, 400)), int(rng.integers(0, 3)), int(rng.integers(1, 4)),
                 float(rng.uniform(0, 200)))
         got = run(table, *args)
-        ref = reroute.decide(table, *args, adaptive=adaptive, overhead_us=37.5)
+        ref = reroute_rule.decide(table, *args, adaptive=adaptive, overhead_us=37.5)
         assert got[0] == ref[0] and got[1] == pytest.approx(ref[1]), args
 
 
@@ -223,7 +226,7 @@ def test_stages_share_weights_in_the_exported_library(staged, tmp_path):
 def test_explicit_cuts_and_errors():
     x = _inputs("mlp")
     mod, _ = _nested(MLP, x)
-    lowered = tvm_nested.pipeline.lower(mod)
+    lowered = run_pipeline(mod)
     two = read_stage_plan(SplitStages(None, cuts=[1])(lowered))
     assert two["num_stages"] == 2
     assert SplitStages(10)(lowered).attrs is not None  # more stages than layers: capped
@@ -267,7 +270,7 @@ def test_table_is_inside_the_artifact(with_table, tmp_path):
     path = lib2.export_library(tmp_path / "model.so")
     loaded = tvm_nested.load(path)
     np.testing.assert_array_equal(loaded.latency_table, lib2.latency_table)
-    np.testing.assert_array_equal(loaded._vm[reroute.TABLE_FUNC]().numpy(), lib2.latency_table)
+    np.testing.assert_array_equal(loaded.invoke(reroute_rule.TABLE_FUNC, []).numpy(), lib2.latency_table)
     outs, levels = loaded.run_deadline(x, deadline_ms=HUGE_MS, level=1)
     assert levels.tolist() == [1, 1, 1]
 
@@ -329,10 +332,10 @@ def test_deadline_arguments_are_checked(with_table):
 def test_on_device_level_guard(with_table):
     """A raw VM call that bypasses the Python checks still cannot run a level outside 0..L-1."""
     name, x, lib2, rt2 = with_table
-    args = rt2._arguments([x], 0)
+    args = rt2.arguments([x], 0)
     args[-1] = tvm.runtime.tensor(np.array(L, "int32"))
     with pytest.raises(Exception, match="out of range"):
-        rt2._vm[reroute.DEADLINE_FUNC](*args, tvm.runtime.tensor(np.array(1e3, "float64")))
+        rt2.invoke(DEADLINE_FUNC, [*args, tvm.runtime.tensor(np.array(1e3, "float64"))])
 
 
 def test_cli_deadline_run(with_table, tmp_path, capsys):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from tvm_nested.nn import nest
-from tvm_nested.pruning import PruningConfig, prune_model
-from tvm_nested.training import (
+from tvm_nested.authoring.nn import nest
+from tvm_nested.authoring.pruning import PruningConfig, prune_model
+from tvm_nested.authoring.training import (
     ProgressiveSchedule, PrunedStayZero, TrainConfig, digits_cnn, digits_data, evaluate, example_level,
     export_onnx, export_torch, nested_loss, pick_levels, train_nested,
 )
@@ -168,7 +168,7 @@ def test_onnx_roundtrip(trained_small, onnx_session, level):
 
 
 def test_cli_nest_pt2_roundtrip(tmp_path):
-    from tvm_nested.cli_train import nest_main
+    from tvm_nested.cli.train import nest_main
 
     dense = digits_cnn(width=4, seed=0).eval()
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -181,7 +181,7 @@ def test_cli_nest_pt2_roundtrip(tmp_path):
 
 
 def test_cli_train_config_refuses_unknown_keys(tmp_path):
-    from tvm_nested.cli_train import load_config
+    from tvm_nested.cli.train import load_config
 
     (tmp_path / "c.json").write_text('{"nested": {"epochs": 2, "lr_typo": 1}}')
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr_typo'\] in \[nested\]"):

@@ -17,9 +17,10 @@ import tvm_ffi
 
 import tvm_nested
 from nested_models import ConvLinear
-from tvm_nested import pipeline, tunelog
-from tvm_nested import nn as tnn
-from tvm_nested.tune import RPCSettings, _legalize, apply_tuning_log, tune
+from tvm_nested.schedules import tuning_log as tunelog
+from tvm_nested.authoring import nn as tnn
+from tvm_nested.tuning import RPCSettings, tune
+from ir_checks import run_pipeline
 
 DENSITIES = (0.5, 0.2, 0.1)
 TRIALS = 8
@@ -90,13 +91,10 @@ def test_build_from_log_measures_nothing_and_uses_the_records(tuned, monkeypatch
     # the nested kernels build compiles are the log's best schedules, and tvm.compile's own
     # legalization (run again inside build) leaves them as they are
     target = lib.target
-    from tvm_nested.schedules.choice import load_choices, specialize_module
-
-    lowered, _ = specialize_module(pipeline.lower(mod), target, load_choices(log))  # as build does
-    applied = apply_tuning_log(lowered, target, log)
+    plain = run_pipeline(mod, target, tuning_log=log, stop_after="legalize")  # as build and tune do
+    applied = run_pipeline(plain, target, tuning_log=log, start_at="schedule", stop_after="schedule")
     db = tunelog.database(log)
-    plain = _legalize(lowered, target)
-    again = _legalize(applied, target)
+    again = run_pipeline(applied, target, start_at="legalize", stop_after="legalize")
     found = 0
     for task in ms.relax_integration.extract_tasks(plain, target):
         func = task.dispatched[0]["main"]
@@ -139,7 +137,7 @@ def test_interrupted_run_keeps_records_and_tuning_again_appends(tuned, tmp_path)
     log = tmp_path / "log"
     shutil.copytree(tuned["log"], log)
     before = _records(log)
-    code = ("import sys; from tvm_nested.tune import tune_main; "
+    code = ("import sys; from tvm_nested.cli.tune import tune_main; "
             "sys.exit(tune_main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tuned["pt2"]), "--target", "llvm", "--log", str(log),
                              "--trials", "64", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -166,13 +164,13 @@ def test_foreign_log_handlers_do_not_break_tuning():
     capture, a user's StreamHandler) crashed it. tune detaches such handlers while tuning, then restores them."""
     import logging
 
-    from tvm_nested.tune import _metaschedule_logging
+    from tvm_nested.tuning.measure import metaschedule_logging
 
     logger = logging.getLogger("tvm.s_tir.meta_schedule")
     mine = logging.StreamHandler()
     logger.addHandler(mine)
     try:
-        with _metaschedule_logging():
+        with metaschedule_logging():
             assert mine not in logger.handlers
             assert all((h.get_name() or "").startswith(logger.name) for h in logger.handlers)
         assert mine in logger.handlers
@@ -186,7 +184,7 @@ import tvm
 from tvm.script import tirx as T
 from tvm.s_tir import meta_schedule as ms
 from tvm_nested.target import parse_target
-from tvm_nested.tune import register_tensor_intrinsics
+from tvm_nested.tuning import register_tensor_intrinsics
 
 @T.prim_func(s_tir=True)
 def mm(a: T.Buffer((16, 16), "float32"), b: T.Buffer((16, 16), "float32"),

@@ -1,12 +1,12 @@
-"""tvm_nested.zoo: onnx-package zoo architectures with seeded weights give meaningful outputs."""
+"""tvm_nested.authoring.zoo: onnx-package zoo architectures with seeded weights give meaningful outputs."""
 
 import numpy as np
 import onnx
 import pytest
 
-from tvm_nested import zoo
+from tvm_nested.authoring import zoo
 from tvm_nested.frontend import from_onnx
-from tvm_nested.onnx_nest import nested_level_maps, ort_run, ort_session
+from tvm_nested.authoring.onnx_nest import nested_level_maps, ort_run, ort_session
 
 SMALL = ["squeezenet", "shufflenet"]
 

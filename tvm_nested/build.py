@@ -1,69 +1,59 @@
 """build: one compiled module holding every level of a nested sparse model.
 
-``build`` = the graph pipeline (``pipeline.lower``) + a schedule for every nested kernel + the
-artifact's own metadata + ``tvm.compile`` in one ``PassContext``. Scheduling, building and running
-stay apart: tuning lives in ``tune.py``, running in ``runtime.py``.
+``build`` is a ``PassContext`` plus ``tvm.compile`` over the one pipeline (``pipeline.py``). It
+keeps the IR at two phase boundaries: after "stages" (what ``with_latency_table`` recompiles from,
+without re-lowering) and after "metadata" (what the module says about itself).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
 
 import numpy as np
 import tvm
-from tvm import relax
 
-from . import pipeline
-from .info import INFO_FUNC, INFO_VERSION, InfoView
-from .relay_passes.level_guard import INFO_ATTR
-from .runtime import NestedRuntime
-from .schedules.cpu_dense import schedule_dense
-from .target import canonical, is_cross, parse_target
-
-# Cross toolchains by target triple prefix: the compiler, the Debian packages it needs to link a .so
-# (gcc alone lacks the target's libc start files: "cannot find crti.o"), and one of those files.
-_CROSS_CC = {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu libc6-dev-arm64-cross",
-                         "/usr/aarch64-linux-gnu/lib/crti.o")}
-
-
-def _schedule_rules():
-    """Schedule rule per target kind: func, target -> scheduled PrimFunc, or None when it does not apply."""
-    from .schedules import schedule_cpu
-    from .schedules.cuda import schedule_cuda
-
-    return {"llvm": schedule_cpu, "cuda": schedule_cuda}
+from .contract import CROSS_TOOLCHAINS
+from .pipeline import pipeline
+from .relay_passes import collect_metadata
+from .schedules.tuning_log import check as tuning_log_check
+from .runtime import InfoView, NestedRuntime
+from .target import is_cross, parse_target
 
 
 class NestedModule(InfoView):
     """The compiled artifact: one executable, every level, weights stored once."""
 
-    def __init__(self, executable, target: tvm.target.Target, info: dict, *, ir_module: tvm.IRModule | None = None):
+    def __init__(self, executable, target: tvm.target.Target, info: dict, *,
+                 staged_ir: tvm.IRModule | None = None, tuning_log=None):
         self.executable = executable
         self.target = target
         self.info = info
-        self._ir = ir_module  # lowered + scheduled, before the metadata: what with_latency_table recompiles
+        self._staged_ir = staged_ir  # after the "stages" phase: what with_latency_table compiles
+        self._tuning_log = tuning_log
 
     def with_latency_table(self, table, *, adaptive: bool = True, overhead_us: float = 0.0) -> NestedModule:
-        """A new module with ``table`` (from ``tvm_nested.reroute.profile_stages``) compiled in, enabling
-        ``run_deadline``. Recompiles the lowered module: no re-lowering, no re-tuning. ``adaptive``: the
-        on-device rule scales the table by the slowdown it observes (``tvm_nested/reroute.py``).
-        ``overhead_us``: per-call cost beyond the table's stages, reserved by the rule
-        (``tvm_nested.reroute.profile_overhead``)."""
-        if self._ir is None:
-            raise ValueError("this NestedModule keeps no IR to recompile: build it again with tvm_nested.build(..., "
-                             "stages=K, latency_table=table)")
+        """A new module with ``table`` (from ``tvm_nested.reroute.profile_stages``) compiled in,
+        enabling ``run_deadline``. Recompiles from the lowered module: no re-lowering, no tuning.
+        ``adaptive``: the on-device rule scales the table by the slowdown it observes
+        (``relay_passes/deadline.py``). ``overhead_us``: per-call cost beyond the table's stages,
+        reserved by the rule (``tvm_nested.reroute.profile_overhead``)."""
         if self.num_stages is None:
             raise ValueError("this module has no stages: build it with tvm_nested.build(mod, target, stages=K) first")
-        return _compile(self._ir, self.target, dict(self.info), table, adaptive, overhead_us)
+        if self._staged_ir is None:
+            raise ValueError("this NestedModule keeps no IR to recompile: build it again with "
+                             "tvm_nested.build(..., stages=K, latency_table=table)")
+        return _compile(self._staged_ir, self.target, start_at="reroute", tuning_log=self._tuning_log,
+                        stages=self.stage_plan["num_stages"], latency_table=table, adaptive=adaptive,
+                        overhead_us=overhead_us)
 
     def runtime(self, device=None, *, num_threads: int | None = None) -> NestedRuntime:
         """Run this module in this process (only for targets this machine can execute)."""
         if is_cross(self.target) and device is None:
-            raise ValueError(f"module built for {self.target.kind.name} {self.target.attrs.get('mtriple', '')} cannot run on this "
-                             "machine: export_library it and run it on the board (tvm_nested.load over RPC)")
+            raise ValueError(f"module built for {self.target.kind.name} {self.target.attrs.get('mtriple', '')} "
+                             "cannot run on this machine: export_library it and run it on the board "
+                             "(tvm_nested.load over RPC)")
         return NestedRuntime(self.executable, device, num_threads=num_threads)
 
     def export_library(self, path: str | os.PathLike, *, cc: str | None = None) -> str:
@@ -72,85 +62,40 @@ class NestedModule(InfoView):
         kwargs = {}
         triple = str(self.target.attrs.get("mtriple", "")) if self.target.kind.name == "llvm" else ""
         if cc is None and is_cross(self.target) and triple:
-            arch = triple.split("-")[0]
-            if arch not in _CROSS_CC:
-                raise ValueError(f"no known cross compiler for triple {triple!r}: pass cc='<your {triple}-gcc>'")
-            cc, packages, libc = _CROSS_CC[arch]
-            if shutil.which(cc) is None or not os.path.exists(libc):
-                missing = f"cross compiler {cc!r}" if shutil.which(cc) is None else f"{libc} (the target's libc)"
-                raise RuntimeError(f"{missing} not found for target {triple}: install the Debian packages {packages} "
-                                   f"(apt-get install {packages}) or pass cc=")
+            cc = cross_compiler(triple)
         if cc is not None:
-            from tvm.support import cc as tvm_cc
+            from tvm.support import cc as tvm_cc  # TVM's compiler-driver helpers, only when cross-compiling
 
             kwargs["fcompile"] = tvm_cc.cross_compiler(cc)
         self.executable.export_library(path, **kwargs)
         return path
 
 
-def _main_inputs(mod: tvm.IRModule) -> list[dict]:
-    out = []
-    for p in mod["main"].params:
-        if any(not isinstance(d, tvm.tirx.IntImm) for d in p.ty.shape):
-            raise ValueError(f"input {p.name!r} has a dynamic shape {list(p.ty.shape)}: tvm_nested compiles static "
-                             "shapes (give them to the frontend, e.g. from_onnx(..., shape_dict=...))")
-        dt = p.ty.dtype
-        out.append({"name": p.name, "shape": [int(s) for s in p.ty.shape], "dtype": getattr(dt, "dtype", str(dt))})
-    return out
+def cross_compiler(triple: str) -> str:
+    """The installed cross compiler for ``triple``; an error naming the Debian packages to install."""
+    arch = triple.split("-")[0]
+    if arch not in CROSS_TOOLCHAINS:
+        raise ValueError(f"no known cross compiler for triple {triple!r}: pass cc='<your {triple}-gcc>'")
+    tc = CROSS_TOOLCHAINS[arch]
+    if shutil.which(tc.cc) is None or not os.path.exists(tc.libc_file):
+        missing = f"cross compiler {tc.cc!r}" if shutil.which(tc.cc) is None else f"{tc.libc_file} (the target's libc)"
+        packages = " ".join(tc.packages)
+        raise RuntimeError(f"{missing} not found for target {triple}: install the Debian packages {packages} "
+                           f"(apt-get install {packages}) or pass cc=")
+    return tc.cc
 
 
-def _collect_info(mod: tvm.IRModule, target: tvm.target.Target) -> dict:
-    attrs = mod.attrs
-    if attrs is not None and INFO_ATTR in attrs:
-        nested = json.loads(str(attrs[INFO_ATTR]))
-    else:
-        nested = {"num_levels": 1, "layers": []}
-    layers = nested.get("layers", [])
-    num_levels = int(nested["num_levels"])
-    dense = sum(layer["dense_bytes"] // 4 for layer in layers)
-    densities = [sum(layer["nnz"][lvl] for layer in layers) / dense if dense else 1.0 for lvl in range(num_levels)]
-    from .schedules import FORMAT_VERSION
-
-    return {
-        "info_version": INFO_VERSION,
-        "format_version": FORMAT_VERSION,
-        "tvm_version": tvm.__version__,
-        "target": canonical(target),
-        "num_levels": num_levels,
-        "densities": densities,
-        "layers": layers,
-        "inputs": _main_inputs(mod),
-    }
-
-
-def _with_info_function(mod: tvm.IRModule, info: dict) -> tvm.IRModule:
-    bb = relax.BlockBuilder(mod)
-    with bb.function(INFO_FUNC, []):
-        bb.emit_func_output(relax.const(np.frombuffer(json.dumps(info).encode(), dtype="uint8")))
-    return bb.get()
-
-
-def schedule_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Apply the target's schedule rule to every nested kernel; report any that no rule scheduled."""
-    rule = _schedule_rules().get(target.kind.name)
-    unscheduled = []
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None or "nested.op" not in func.attrs:
-            continue
-        if "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"]):
-            continue
-        scheduled = rule(func, target) if rule is not None else None
-        if scheduled is None:
-            unscheduled.append(gv.name_hint)
-            continue
-        # the compiled symbol follows the (unique) GlobalVar, whatever the rule copied from its template
-        mod[gv] = scheduled.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", gv.name_hint)
-    if unscheduled:
-        msg = f"no {target.kind.name} schedule for {len(unscheduled)} nested kernel(s): {', '.join(unscheduled)}"
-        if target.kind.name != "llvm":
-            raise RuntimeError(msg)  # an unscheduled GPU kernel does not compile; say which
-        warnings.warn(msg + " (they run as plain loops)", stacklevel=2)
-    return mod
+def _compile(mod: tvm.IRModule, target, *, start_at: str | None = None, **options) -> NestedModule:
+    """The pipeline from ``start_at`` on, in three slices: up to "stages" (kept for recompiling),
+    up to "metadata" (read back as ``info``), and the VM lowering inside ``tvm.compile``."""
+    with target, tvm.transform.PassContext(opt_level=3):
+        staged = mod
+        if start_at is None:
+            staged = pipeline(target, stop_after="stages", **options)(mod)
+        described = pipeline(target, start_at="reroute", stop_after="metadata", **options)(staged)
+        executable = tvm.compile(described, target=target, relax_pipeline=pipeline(target, start_at="vm"))
+    info = collect_metadata(described, target)
+    return NestedModule(executable, target, info, staged_ir=staged, tuning_log=options.get("tuning_log"))
 
 
 def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, stages=None,
@@ -162,53 +107,20 @@ def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, s
     ``stages``: also compile the network as stage functions that each take the level (a count, cut
     balanced by estimated work, or a list of cut points; see ``relay_passes/stages.py``);
     ``latency_table``: the ``(stages, levels)`` microseconds from ``tvm_nested.reroute.profile_stages``,
-    compiled in for ``run_deadline`` (see ``tvm_nested/reroute.py``).
+    compiled in for ``run_deadline`` (see ``relay_passes/deadline.py``).
     """
     if not isinstance(mod, tvm.IRModule) or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         raise ValueError("build expects a Relax IRModule with a 'main' function (from tvm_nested.from_onnx/from_torch)")
     tgt = parse_target(target)
-    mod = pipeline.lower(mod, dump_dir)
-    info = _collect_info(mod, tgt)
-    # the CPU structure of every nested kernel and its sparse-or-dense table per level (from the
-    # tuning log; all sparse when untuned), before the log is applied: the log keys on them
-    from .schedules.choice import load_choices, specialize_module
-
-    mod, chosen = specialize_module(mod, tgt, load_choices(tuning_log) if tuning_log is not None else None)
-    for layer in info["layers"]:
-        if layer.get("kernel") in chosen:
-            layer["dense_levels"] = chosen[layer["kernel"]]
-    if not info["layers"]:
-        warnings.warn("no nested layer recognised: the model is compiled dense, with one level", stacklevel=2)
     if tuning_log is not None:
-        from .tune import apply_tuning_log
-
-        mod = apply_tuning_log(mod, tgt, tuning_log)
-    mod = schedule_kernels(mod, tgt)
+        tuning_log_check(tuning_log, tgt)  # refused here, before any work, with its own error type
     if stages is None and latency_table is not None:
         stages = int(np.shape(latency_table)[0])
-    if stages is not None:
-        from .reroute import add_stages
+    lib = _compile(mod, tgt, tuning_log=tuning_log, stages=stages, latency_table=latency_table,
+                   dump_dir=dump_dir)
+    if not lib.info["layers"]:
+        warnings.warn("no nested layer recognised: the model is compiled dense, with one level", stacklevel=2)
+    return lib
 
-        mod, info["stages"] = add_stages(mod, stages)
-    return _compile(mod, tgt, info, latency_table)
 
-
-def _compile(mod: tvm.IRModule, tgt: tvm.target.Target, info: dict, latency_table=None,
-             adaptive: bool = True, overhead_us: float = 0.0) -> NestedModule:
-    lowered = mod
-    mod = schedule_dense(mod, tgt)  # legalize + fuse, default CPU schedules for the dense remainder
-    info.pop("latency_table_us", None)
-    info.pop("reroute_rule", None)
-    info.pop("reroute_overhead_us", None)
-    if latency_table is not None:
-        from .reroute import add_deadline_function, check_table
-
-        table = check_table(latency_table, int(info["stages"]["num_stages"]), int(info["num_levels"]))
-        mod = add_deadline_function(mod, table, int(info["num_levels"]), adaptive, overhead_us)
-        info["latency_table_us"] = table.tolist()
-        info["reroute_rule"] = "adaptive" if adaptive else "table"
-        info["reroute_overhead_us"] = float(overhead_us)
-    mod = _with_info_function(mod, info)
-    with tgt, tvm.transform.PassContext(opt_level=3):
-        executable = tvm.compile(mod, target=tgt)
-    return NestedModule(executable, tgt, info, ir_module=lowered)
+__all__ = ["NestedModule", "build", "cross_compiler"]

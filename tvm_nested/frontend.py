@@ -20,12 +20,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ._tvm import dtype_of, relax
+from tvm import relax
+
+from .contract import LEVEL, LEVEL_DTYPE, dtype_of
 
 logger = logging.getLogger(__name__)
 
-LEVEL = "level"  # the name of the level input (DESIGN section 2)
-LEVEL_DTYPE = "int32"  # the level's dtype in the Relax module unless the caller asks otherwise
 MIN_ONNX_OPSET = 13  # GreaterOrEqual, Cast to FLOAT and the DESIGN section 2 form need opset >= 13
 ONNX_OPSET = 17  # what older models are converted to
 

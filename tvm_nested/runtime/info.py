@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
-INFO_FUNC = "nested_info"
-INFO_VERSION = 1
-# Optional keys (absent or null in modules built without them; readers must not require them):
+from ..contract import INFO_VERSION, LEVEL
+
+# The record (written by relay_passes/metadata.py): info_version, format_version, tvm_version,
+# target, num_levels, densities, layers, inputs; optional keys (absent in modules built without
+# them; readers must not require them):
 #   "stages": the stage plan of build(..., stages=K) -- num_stages, functions, inputs/outputs per
 #             stage (activation names), cuts, macs (see relay_passes/stages.py)
-#   "latency_table_us": [stages][levels] microseconds profiled on the target (tvm_nested/reroute.py)
-STAGES_KEY = "stages"
-LATENCY_TABLE_KEY = "latency_table_us"
+#   "latency_table_us", "reroute_rule", "reroute_overhead_us": the rerouting table and rule
+#             compiled into main_deadline (relay_passes/deadline.py)
 
 
 def check_info(info: dict) -> dict:
@@ -79,7 +80,7 @@ def example_inputs(info: dict, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
     for p in info["inputs"]:
-        if p["name"] == "level":
+        if p["name"] == LEVEL:
             continue
         if np.dtype(p["dtype"]).kind == "f":
             out.append(rng.standard_normal(p["shape"]).astype(p["dtype"]))

@@ -26,7 +26,6 @@ plumbing (cross-compiled code runs as aarch64 with the CPU's ISA), not the sched
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -42,15 +41,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..contract import CROSS_TOOLCHAINS, TVM_FFI_BOARD_PIN, TVM_FFI_SERIES
+from .remote import BoardError
+
 BOARD_KEY = "tvm-nested-board"  # the tracker key the test fixtures and docs use
 DEFAULT_CPU = "cortex-a72"  # Raspberry Pi 4: no SVE, so code the real board lacks dies (SIGILL)
 
-# host executable or file -> Debian package that provides it (crti.o & co. for linking a .so:
-# gcc-aarch64-linux-gnu only recommends the arm64 libc dev files)
+# host executable or file -> Debian package that provides it: qemu, and the aarch64 cross
+# toolchain (its compiler and a start file of its libc: gcc alone cannot link a .so)
+_AARCH64 = CROSS_TOOLCHAINS["aarch64"]
 HOST_TOOLS = {
     "qemu-aarch64": "qemu-user",
-    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
-    "/usr/aarch64-linux-gnu/lib/crti.o": "libc6-dev-arm64-cross",
+    _AARCH64.cc: _AARCH64.packages[0],
+    _AARCH64.libc_file: _AARCH64.packages[1],
 }
 
 DEBIAN_SUITE = "bookworm"  # the board is Debian 12 arm64 whatever the host runs
@@ -64,8 +67,7 @@ BOARD_PY = "3.11"
 # is keyed on them); the fallbacks apply only to packages the host lacks.
 WHEEL_FALLBACKS = {
     "apache-tvm": "0.27.0.post1",
-    # 0.1.15.x segfaults serialising TIR (save_json, pickled IRModules); 0.1.14.x works.
-    "apache-tvm-ffi": "0.1.14.post1",
+    "apache-tvm-ffi": TVM_FFI_BOARD_PIN,  # 0.1.15.x segfaults serialising TIR (contract.py)
     "numpy": "2.4.6",
     "ml_dtypes": "0.6.0",
     "psutil": "7.2.2",
@@ -96,11 +98,7 @@ threading.Event().wait()
 """
 
 
-class BoardError(RuntimeError):
-    """The board cannot be built or a board process failed; the message says what to do."""
-
-
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[board {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
@@ -144,7 +142,7 @@ def missing_host_tools() -> list[str]:
 def install_host_tools(packages: list[str]) -> None:
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise BoardError(f"cannot install {' '.join(packages)}: needs root and apt-get")
-    _log(f"apt-get install {' '.join(packages)}")
+    log(f"apt-get install {' '.join(packages)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     _run(["apt-get", "update", "-q"], env=env)
     _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], env=env)
@@ -160,9 +158,9 @@ def board_wheels() -> dict[str, str]:
             pins[name] = version(name)
         except PackageNotFoundError:
             pins[name] = fallback
-    if not pins["apache-tvm-ffi"].startswith("0.1.14"):
-        _log(
-            f"host apache-tvm-ffi {pins['apache-tvm-ffi']} is not 0.1.14.x; the board gets "
+    if not pins["apache-tvm-ffi"].startswith(TVM_FFI_SERIES):
+        log(
+            f"host apache-tvm-ffi {pins['apache-tvm-ffi']} is not {TVM_FFI_SERIES}.x; the board gets "
             f"{WHEEL_FALLBACKS['apache-tvm-ffi']} (0.1.15.x crashes serialising TIR)"
         )
         pins["apache-tvm-ffi"] = WHEEL_FALLBACKS["apache-tvm-ffi"]
@@ -212,7 +210,7 @@ def _fetch_debs(downloads: Path) -> list[Path]:
     )
     apt = _apt(state)
     if not list((state / "var/lib/apt/lists").glob("*_Packages*")):
-        _log(f"apt-get update (arm64 {DEBIAN_SUITE} lists)")
+        log(f"apt-get update (arm64 {DEBIAN_SUITE} lists)")
         _run([*apt, "update"], capture_output=True)
     sim = _run([*apt, "install", "-s", *BOARD_DEBS], capture_output=True, text=True).stdout
     # "Inst libc6 (2.36-9+deb12u10 Debian:12.11/stable [arm64])" -> libc6_2.36-9+deb12u10_arm64.deb
@@ -224,7 +222,7 @@ def _fetch_debs(downloads: Path) -> list[Path]:
     if not debs:
         raise BoardError(f"apt resolved no packages for {BOARD_DEBS}:\n{sim[-2000:]}")
     if not all(d.exists() for d in debs):
-        _log(f"download {len(debs)} arm64 .debs (closure of {' '.join(BOARD_DEBS)})")
+        log(f"download {len(debs)} arm64 .debs (closure of {' '.join(BOARD_DEBS)})")
         _run([*apt, "install", "-y", "-d", *BOARD_DEBS], capture_output=True)
     missing = [d.name for d in debs if not d.exists()]
     if missing:
@@ -241,7 +239,7 @@ def _fetch_wheels(downloads: Path, pins: dict[str, str]) -> Path:
         [*pip, "--no-index", "--find-links", str(wheels), "-q", *reqs], capture_output=True
     )
     if offline.returncode != 0:
-        _log(f"pip download aarch64 wheels: {' '.join(reqs)}")
+        log(f"pip download aarch64 wheels: {' '.join(reqs)}")
         _run([*pip, "--progress-bar", "off", *reqs])
     return wheels
 
@@ -269,7 +267,7 @@ if _os.environ.get("BOARD_PYTHON"):
 """
 
 
-def _dir_size(path: Path) -> int:
+def dir_size(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for f in files:
@@ -278,7 +276,7 @@ def _dir_size(path: Path) -> int:
     return total
 
 
-def _manifest(pins: dict[str, str]) -> dict:
+def board_manifest(pins: dict[str, str]) -> dict:
     return {
         "layout": _LAYOUT_VERSION,
         "debian": DEBIAN_SUITE,
@@ -323,7 +321,7 @@ def ensure_board(
     if need:
         install_host_tools(need)
     pins = board_wheels()
-    want = _manifest(pins)
+    want = board_manifest(pins)
     sysroot, wrapper = cache_dir / "sysroot", cache_dir / "bin" / "board-python"
     manifest_file = sysroot / ".board-manifest.json"
     env = BoardEnv(cache_dir, sysroot, wrapper, dict(pins))
@@ -361,14 +359,14 @@ def ensure_board(
         debs = _fetch_debs(downloads)
         wheels = _fetch_wheels(downloads, pins)
 
-        _log(f"extract {len(debs)} .debs into a fresh sysroot")
+        log(f"extract {len(debs)} .debs into a fresh sysroot")
         tmp = cache_dir / "sysroot.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for d in debs:
             _run(["dpkg-deb", "-x", str(d), str(tmp)])
         site = tmp / "usr/lib/python3/dist-packages"
-        _log(f"pip install {len(pins)} aarch64 wheels -> {site}")
+        log(f"pip install {len(pins)} aarch64 wheels -> {site}")
         # host pip byte-compiles them with the host CPython (same 3.11 .pyc magic)
         _run(
             [
@@ -410,7 +408,7 @@ def ensure_board(
         tmp.rename(sysroot)
         write_wrapper()
 
-        _log("smoke test: import tvm on the board")
+        log("smoke test: import tvm on the board")
         t1 = time.perf_counter()
         probe = (
             "import platform, tvm, tvm_ffi; "
@@ -419,14 +417,14 @@ def ensure_board(
         res = subprocess.run(env.command("-c", probe), capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise BoardError(f"the board cannot import tvm:\n{res.stderr[-3000:]}")
-        _log(
+        log(
             f"board: {res.stdout.strip()} (import under emulation {time.perf_counter() - t1:.0f}s)"
         )
         manifest_file.write_text(json.dumps(want, indent=1))
-        _log(
+        log(
             f"board ready in {time.perf_counter() - t0:.0f}s: {cache_dir} "
-            f"(downloads {_dir_size(downloads) / 1e6:.0f} MB, sysroot "
-            f"{_dir_size(sysroot) / 1e6:.0f} MB)"
+            f"(downloads {dir_size(downloads) / 1e6:.0f} MB, sysroot "
+            f"{dir_size(sysroot) / 1e6:.0f} MB)"
         )
     return env
 
@@ -728,146 +726,8 @@ class Board:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def connect(
-    address: tuple[str, int] | None = None,
-    *,
-    tracker: tuple[str, int] | None = None,
-    key: str = BOARD_KEY,
-    session_timeout: float = 0,
-    timeout: float = 30.0,
-):
-    """An RPC session with a board, directly (``address``) or through ``tracker`` (by ``key``).
-
-    Unlike ``rpc.connect_tracker`` (retries 60 s) and ``TrackerSession.request`` (waits forever
-    for a server with the key), this raises ``BoardError`` within about ``timeout`` seconds when
-    the board or tracker cannot be reached, does not answer, or no free server has registered
-    ``key``. The logic lives in ``tvm_nested.deploy.connect`` (real boards use it too).
-    """
-    from .deploy import connect as deploy_connect
-
-    return deploy_connect(
-        address, tracker=tracker, key=key, timeout=timeout, session_timeout=session_timeout
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: tvm-nested board {setup,serve,status}
-# ---------------------------------------------------------------------------------------------
-
-
-def _cmd_setup(a) -> int:
-    env = ensure_board(a.cache_dir, install_tools=a.install_tools, rebuild=a.rebuild)
-    print(f"board python: {env.python}\nsysroot:      {env.sysroot}")
-    print("wheels:       " + " ".join(f"{n}=={v}" for n, v in env.wheels.items()))
-    return 0
-
-
-def _cmd_serve(a) -> int:
-    env = ensure_board(a.cache_dir)
-    # the server runs in its own session: Ctrl-C (even if started with SIGINT ignored, as a
-    # shell's background job is) and SIGTERM unwind and stop it
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with Board(env, cpu=a.cpu, inproc=a.inproc) as board:
-        _log(f"starting the board RPC server (qemu {a.cpu}; import under emulation takes a while)")
-        bp = board.start_server(a.host, a.port, a.port_end, tracker=a.tracker, key=a.key)
-        where = f"tracker {a.tracker} key {a.key}" if a.tracker else "direct"
-        print(
-            f"board RPC server listening on {bp.host}:{bp.port} ({where}); Ctrl-C stops it",
-            flush=True,
-        )
-        try:
-            bp.proc.wait()
-            print(f"server exited ({bp.proc.returncode}):\n{bp.log_tail()}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("stopping", flush=True)
-        finally:
-            board.stop()
-    return 0
-
-
-def _cmd_status(a) -> int:
-    cache = Path(a.cache_dir) if a.cache_dir else default_cache_dir()
-    manifest = cache / "sysroot/.board-manifest.json"
-    need = missing_host_tools()
-    print(f"cache dir:  {cache}")
-    tools = f"missing {' '.join(need)}" if need else f"ok ({', '.join(HOST_TOOLS.values())})"
-    print(f"host tools: {tools}")
-    if not manifest.exists():
-        print("board:      not built (tvm-nested board setup)")
-        return 1
-    m = json.loads(manifest.read_text())
-    fresh = m == _manifest(board_wheels())
-    print(f"board:      built{'' if fresh else ' but STALE (host versions changed; run setup)'}")
-    print("wheels:     " + " ".join(f"{n}=={v}" for n, v in m["wheels"].items()))
-    print(
-        f"size:       downloads {_dir_size(cache / 'downloads') / 1e6:.0f} MB, "
-        f"sysroot {_dir_size(cache / 'sysroot') / 1e6:.0f} MB"
-    )
-    return 0 if fresh and not need else 1
-
-
-def board_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="tvm-nested board", description="an emulated aarch64 board (qemu-user) for TVM RPC"
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--cache-dir", default=None, help=f"where the board lives (default {default_cache_dir()})"
-    )
-    s = sub.add_parser("setup", parents=[common], help="build the board (cached)")
-    s.add_argument(
-        "--install-tools",
-        action="store_true",
-        help=f"apt-get install missing host tools ({', '.join(HOST_TOOLS.values())})",
-    )
-    s.add_argument("--rebuild", action="store_true", help="re-extract the sysroot")
-    s.set_defaults(func=_cmd_setup)
-    s = sub.add_parser("serve", parents=[common], help="run a board RPC server until Ctrl-C")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=9090)
-    s.add_argument("--port-end", type=int, default=9199)
-    s.add_argument("--tracker", default=None, help="host:port of a TVM RPC tracker")
-    s.add_argument("--key", default=None, help="key to register with the tracker")
-    s.add_argument("--cpu", default=DEFAULT_CPU, help="qemu CPU model (cortex-a72 = Pi 4)")
-    s.add_argument(
-        "--inproc",
-        action="store_true",
-        help="single-process server (faster start; the default is TVM's stock one)",
-    )
-    s.set_defaults(func=_cmd_serve)
-    s = sub.add_parser("status", parents=[common], help="is the board built and current?")
-    s.set_defaults(func=_cmd_status)
-    a = p.parse_args(argv)
-    if a.cmd == "serve" and a.tracker and not a.key:
-        p.error("--tracker needs --key")
-    try:
-        return a.func(a)
-    except BoardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 __all__ = [
-    "BOARD_KEY",
-    "DEFAULT_CPU",
-    "Board",
-    "BoardEnv",
-    "BoardError",
-    "BoardProcess",
-    "board_available",
-    "board_main",
-    "board_wheels",
-    "connect",
-    "default_cache_dir",
-    "ensure_board",
-    "free_port",
-    "is_listening",
-    "missing_host_tools",
+    "BOARD_KEY", "DEFAULT_CPU", "HOST_TOOLS", "Board", "BoardEnv", "BoardError", "BoardProcess",
+    "board_available", "board_manifest", "board_wheels", "default_cache_dir", "dir_size",
+    "ensure_board", "free_port", "install_host_tools", "is_listening", "log", "missing_host_tools",
 ]
-
-
-if __name__ == "__main__":
-    sys.exit(board_main())

@@ -13,6 +13,13 @@ import time
 
 import numpy as np
 
+from ..authoring.onnx_nest import ort_run
+from ..authoring.zoo import nested
+from ..build import build
+from ..contract import LEVEL
+from ..frontend import from_onnx
+from ..runtime import load, set_num_threads
+
 DEFAULT_MODEL = "resnet50"
 DEFAULT_DENSITIES = (0.5, 0.2, 0.1, 0.05)
 
@@ -24,17 +31,13 @@ def _step(msg: str, t0: float) -> None:
 def run_demo(model: str = DEFAULT_MODEL, densities=DEFAULT_DENSITIES, *, seed: int = 0, threads: int | None = None,
              target: str = "llvm", repeat: int = 5, out=None) -> list[dict]:
     """Nest, compile once, run and check every level; print and return the table rows."""
-    from . import build, from_onnx, load, set_num_threads
-    from .onnx_nest import ort_run
-    from .zoo import nested
-
     t0 = time.perf_counter()
     threads = threads or os.cpu_count() or 1
     set_num_threads(threads)
     _step(f"loading {model} from the onnx package's model zoo, seeded weights (seed {seed}), "
           f"nesting at densities {list(densities)}", t0)
     onnx_model = nested(model, densities=densities, seed=seed)
-    inputs = [i for i in onnx_model.graph.input if i.name != "level"
+    inputs = [i for i in onnx_model.graph.input if i.name != LEVEL
               and i.name not in {init.name for init in onnx_model.graph.initializer}]
     rng = np.random.default_rng(seed)
     feeds = [rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype("float32") for i in inputs]

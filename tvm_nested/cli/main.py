@@ -1,44 +1,33 @@
-"""The ``tvm-nested`` command: compile, run, demo (and the subcommands of the other parts)."""
+"""The ``tvm-nested`` command: compile, run, demo here; the other verbs in their own modules.
+
+Verbs whose modules need optional dependencies (``nest`` and ``train`` need torch) are imported
+when they are called, so ``tvm-nested compile`` works on an install without torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
 import sys
 import time
 
+import numpy as np
 
-def _densities(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"densities must be comma-separated numbers, got {text!r}") from err
-
-
-def _load_model(path: str):
-    """ONNX file or a torch.export archive (.pt2) -> Relax module."""
-    from . import from_onnx, from_torch
-
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no such file {path!r}")
-    if path.endswith(".onnx"):
-        return from_onnx(path)
-    if path.endswith(".pt2"):
-        import torch
-
-        return from_torch(torch.export.load(path), None)
-    raise SystemExit(f"error: {path!r}: expected an ONNX model (.onnx) or a torch.export archive (.pt2)")
+from ..build import build
+from ..deploy import BoardError, deploy, is_emulated
+from ..runtime import example_inputs, load
+from .common import densities, load_model
+from .demo import DEFAULT_DENSITIES, DEFAULT_MODEL, run_demo
+from .deploy import add_board_arguments, check_board_arguments, connect_from_args
 
 
 def cmd_compile(args) -> int:
-    from . import build
-
-    lib = build(_load_model(args.model), target=args.target, tuning_log=args.tuning_log)
+    lib = build(load_model(args.model), target=args.target, tuning_log=args.tuning_log)
     out = lib.export_library(args.output, cc=args.cc)
     print(f"wrote {out}: {lib.num_levels} levels, target {lib.target}")
-    print(f"nested payload {lib.payload_bytes} B = {lib.payload_bytes / max(lib.csr_bytes, 1):.3f}x plain CSR of level 0 "
-          f"(dense weights {lib.dense_bytes} B)")
+    print(f"nested payload {lib.payload_bytes} B = {lib.payload_bytes / max(lib.csr_bytes, 1):.3f}x plain CSR "
+          f"of level 0 (dense weights {lib.dense_bytes} B)")
     print("| level | density |\n|---:|---:|")
     for lvl, d in enumerate(lib.densities):
         print(f"| {lvl} | {d:.2%} |")
@@ -46,14 +35,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import numpy as np
-
-    from . import load
-    from .info import example_inputs
-
     if args.rpc or args.tracker:  # on a board over TVM RPC: the same runtime, the module uploaded
-        from .deploy import connect_from_args, deploy, is_emulated
-
         session = connect_from_args(args)
         rt = deploy(args.module, session=session, num_threads=args.threads)
         if is_emulated(session):
@@ -79,15 +61,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
     run_demo(args.model, args.densities, seed=args.seed, threads=args.threads, target=args.target)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DEFAULT_DENSITIES, DEFAULT_MODEL
-
     ap = argparse.ArgumentParser(prog="tvm-nested", description="Nested sparse networks for Apache TVM")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -109,14 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="TVM CPU threads (default: TVM's own)")
     p.add_argument("--repeat", type=int, default=5, help="timing repeats (with --deadline-ms: requests)")
     p.add_argument("--seed", type=int, default=0)
-    from .deploy import add_board_arguments
-
     add_board_arguments(p, required=False)  # --rpc host:port | --tracker host:port --key K: run on a board
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="nest a model-zoo architecture, compile one module, check every level vs onnxruntime")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"onnx model-zoo architecture (default {DEFAULT_MODEL})")
-    p.add_argument("--densities", type=_densities, default=DEFAULT_DENSITIES, help="per-level densities, densest first")
+    p.add_argument("--densities", type=densities, default=DEFAULT_DENSITIES, help="per-level densities, densest first")
     p.add_argument("--threads", type=int, default=None, help="TVM CPU threads (default: all cores)")
     p.add_argument("--target", default="llvm")
     p.add_argument("--seed", type=int, default=0)
@@ -127,28 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# Subcommands whose parts own their own argument parsing: name -> (module, function, help).
+# Verbs that parse their own arguments: name -> (module, function, help).
 DELEGATED = {
-    "tune": ("tvm_nested.tune", "tune_main", "auto-tune a model with MetaSchedule into a reusable tuning log"),
-    "deploy": ("tvm_nested.deploy", "deploy_main",
+    "tune": ("tvm_nested.cli.tune", "tune_main", "auto-tune a model with MetaSchedule into a reusable tuning log"),
+    "deploy": ("tvm_nested.cli.deploy", "deploy_main",
                "compile (or take a .so), upload to a board over TVM RPC, run and time every level there"),
-    "board": ("tvm_nested.board", "board_main", "build, serve and inspect an emulated aarch64 board (qemu-user)"),
-    "nest": ("tvm_nested.cli_train", "nest_main", "a dense PyTorch or ONNX model + densities -> a nested model"),
-    "train": ("tvm_nested.cli_train", "train_main", "train a nested model with nested gradient masking (config file)"),
+    "board": ("tvm_nested.cli.board", "board_main", "build, serve and inspect an emulated aarch64 board (qemu-user)"),
+    "nest": ("tvm_nested.cli.train", "nest_main", "a dense PyTorch or ONNX model + densities -> a nested model"),
+    "train": ("tvm_nested.cli.train", "train_main", "train a nested model with nested gradient masking (config file)"),
 }
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        import importlib
-
         module, func, _ = DELEGATED[argv[0]]
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     ap = build_parser()
     args = ap.parse_args(argv)
-    from .deploy import BoardError, check_board_arguments
-
     if args.command == "run":
         check_board_arguments(ap, args)
     try:
@@ -158,5 +130,4 @@ def main(argv=None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["DELEGATED", "build_parser", "main"]

@@ -286,7 +286,7 @@ def nest_pruned(models: Sequence[nn.Module]) -> NestedModel:
     it wherever they keep a weight (one copy of the weights serves every level).
     """
     maps = levelmaps_from_prune(models)
-    base = _copy_pruned(models[0])
+    base = copy_pruned(models[0])
     layers = dict(base.named_modules())
     for lvl, m in enumerate(models[1:], start=1):
         mods = dict(m.named_modules())
@@ -303,7 +303,7 @@ def nest_pruned(models: Sequence[nn.Module]) -> NestedModel:
     return nest(base, {n: check_levelmap(lm, layers[n].weight.shape, n) for n, lm in maps.items()}, copy=False)
 
 
-def _copy_pruned(module: nn.Module) -> nn.Module:
+def copy_pruned(module: nn.Module) -> nn.Module:
     """deepcopy of a module pruned by ``torch.nn.utils.prune`` (its computed ``weight`` is no leaf)."""
     import copy
 

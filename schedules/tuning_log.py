@@ -16,7 +16,8 @@ from pathlib import Path
 
 import tvm
 
-from .target import canonical
+from ..contract import FORMAT_VERSION
+from ..target import canonical
 
 MANIFEST = "tvm_nested_manifest.json"
 WORKLOAD_FILE = "database_workload.json"
@@ -36,8 +37,6 @@ class Manifest:
 
     @staticmethod
     def current(target) -> Manifest:
-        from .schedules import FORMAT_VERSION
-
         return Manifest(canonical(target), tvm.__version__, int(FORMAT_VERSION))
 
 

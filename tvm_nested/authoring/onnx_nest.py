@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .frontend import LEVEL, ONNX_OPSET, graph_inputs, load_onnx, onnx_opset, upgrade_onnx
+from ..contract import LEVEL
+from ..frontend import ONNX_OPSET, graph_inputs, load_onnx, onnx_opset, upgrade_onnx
 from .levelmap import check_levelmap, levelmap_by_magnitude, levelmap_from_masks, num_levels_of
 
 logger = logging.getLogger(__name__)

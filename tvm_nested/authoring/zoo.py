@@ -26,7 +26,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .frontend import ONNX_OPSET
+from ..contract import LEVEL
+from ..frontend import ONNX_OPSET, graph_inputs
+from .onnx_nest import nest_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +258,6 @@ def _calibrate_classifier(model, x: np.ndarray, target_std: float = LOGIT_STD) -
 
 def example_input(model, seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
     """Seeded standard-normal inputs for the model's float inputs (shapes from the graph)."""
-    from .frontend import LEVEL, graph_inputs
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -317,7 +318,6 @@ def load(name: str, seed: int = 0, *, opset: int = ONNX_OPSET, calibrate: bool =
 def nested(name: str, densities: Sequence[float] = (0.5, 0.2, 0.1, 0.05), seed: int = 0,
            keep_first_dense: bool = False, **kwargs):
     """``nest_onnx(load(name, seed), densities=densities, ...)``: the zoo model, nested by magnitude."""
-    from .onnx_nest import nest_onnx
 
     return nest_onnx(load(name, seed), densities=densities, keep_first_dense=keep_first_dense, **kwargs)
 

@@ -19,23 +19,26 @@ the RPC handshake, a busy board, no free server with the key at the tracker): it
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
-import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
-import numpy as np
+from tvm import rpc as tvm_rpc
 
-from .board import BoardError
-from .info import example_inputs
-from .runtime import NestedRuntime
+from ..build import NestedModule
+from ..runtime import NestedRuntime
+from ..target import is_cross
 
 DEFAULT_TARGET = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"  # any 64-bit ARM board with NEON
 _EMULATED_MARK = "/.board-manifest.json"  # qemu -L maps it into the emulated board's sysroot
+
+
+class BoardError(RuntimeError):
+    """A board (real or emulated) cannot be reached, built or used; the message says what to do."""
 
 
 def parse_address(text) -> tuple[str, int]:
@@ -84,8 +87,6 @@ def connect(rpc=None, *, tracker=None, key: str | None = None, timeout: float = 
     reached, does not answer, or has no free server registered under ``key``.
     ``session_timeout``: seconds after which the board ends the session (0: never).
     """
-    from tvm import rpc as tvm_rpc
-
     if (rpc is None) == (tracker is None):
         raise ValueError("give exactly one of rpc='host:port' (a board) or tracker='host:port' (with key=)")
     if tracker is not None and not key:
@@ -133,8 +134,6 @@ def upload(session, module, *, cc: str | None = None):
     ``module``: a ``NestedModule`` (exported here, cross-compiled for its target) or the path of a
     shared library already built for the board (``tvm-nested compile --target ...``).
     """
-    from .build import NestedModule
-
     with tempfile.TemporaryDirectory(prefix="tvm_nested_deploy_") as tmp:
         if isinstance(module, NestedModule):
             path = module.export_library(os.path.join(tmp, "nested_model.so"), cc=cc)
@@ -159,14 +158,9 @@ def deploy(module, rpc=None, *, tracker=None, key: str | None = None, timeout: f
     "host:port"``, or ``tracker="host:port"`` with ``key=``, or an open ``session`` (``connect``).
     ``num_threads``: the board's TVM thread pool size (default: the board's own choice).
     """
-    from .build import NestedModule
-    from .target import is_cross
-
     if isinstance(module, NestedModule) and module.target.kind.name != "llvm":
         raise ValueError(f"deploy runs CPU (llvm) modules on a board; this one is for {module.target.kind.name}")
     if isinstance(module, NestedModule) and not is_cross(module.target):
-        import warnings
-
         warnings.warn(f"this module is built for this machine's CPU ({module.target.attrs.get('mtriple', '')}), "
                       "not for a board: build it with the board's target (e.g. 'rpi4' or "
                       f"{DEFAULT_TARGET!r})", stacklevel=2)
@@ -209,124 +203,5 @@ def time_levels(rt: NestedRuntime, *inputs, number: int = 10, repeat: int = 3,
             for lvl in range(rt.num_levels)]
 
 
-# ------------------------------------------------------------------------------------------ CLI
-def add_board_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
-    """``--rpc host:port | --tracker host:port --key K`` and ``--timeout`` (shared by run/deploy)."""
-    g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--rpc", type=_address, default=None, help="host:port of the board's TVM RPC server")
-    g.add_argument("--tracker", type=_address, default=None, help="host:port of a TVM RPC tracker (with --key)")
-    p.add_argument("--key", default=None, help="the board's key at the tracker")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to reach the board (default 30)")
-
-
-def _address(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def check_board_arguments(p: argparse.ArgumentParser, args) -> None:
-    if args.tracker and not args.key:
-        p.error("--tracker needs --key")
-    if args.key and not args.tracker:
-        p.error("--key goes with --tracker")
-
-
-def connect_from_args(args, session_timeout: float = 0):
-    return connect(args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout,
-                   session_timeout=session_timeout)
-
-
-def deploy_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = ap or argparse.ArgumentParser(prog="tvm-nested deploy")
-    p.description = ("compile (given .onnx/.pt2) or take a compiled .so, upload it to a board over TVM RPC, "
-                     "run and time every level there")
-    p.add_argument("model", help="a compiled module (.so built for the board) or a model (.onnx, .pt2)")
-    add_board_arguments(p, required=True)
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help=f"board target when compiling a model (default {DEFAULT_TARGET!r}; presets rpi4, rpi5, "
-                        "jetson-orin-cpu, tags like raspberry-pi/4b-aarch64)")
-    p.add_argument("--tuning-log", default=None, help="a tuning log for this board target (tvm-nested tune)")
-    p.add_argument("--cc", default=None, help="cross compiler (found automatically for aarch64)")
-    p.add_argument("--no-check", action="store_true",
-                   help="when compiling a model: skip the comparison with this machine's build at every level")
-    p.add_argument("--threads", type=int, default=None, help="TVM threads on the board (default: the board's)")
-    p.add_argument("--number", type=int, default=10, help="runs per timing (default 10)")
-    p.add_argument("--repeat", type=int, default=3, help="timings per level (default 3)")
-    p.add_argument("--seed", type=int, default=0)
-    return p
-
-
-def _target_summary(canonical: str) -> str:
-    import json
-
-    try:
-        t = json.loads(canonical)
-    except ValueError:
-        return canonical or "?"
-    attrs = [f"-{k}={','.join(t[k]) if isinstance(t[k], list) else t[k]}" for k in ("mtriple", "mcpu", "mattr") if k in t]
-    return " ".join([t.get("kind", "?"), *attrs])
-
-
-def _print_table(rt, rows, errors, emulated: bool, where: str) -> None:
-    print(f"board {where}: {rt.num_levels} levels, target {_target_summary(rt.info.get('target', ''))}")
-    if emulated:
-        print("NOTE: this board is EMULATED (qemu-user, tvm-nested board): the timings below check the "
-              "deployment, they are NOT performance numbers")
-    head = "| level | density | board ms |" + (" max abs err vs host |" if errors else "")
-    print(head + "\n|---:|---:|---:|" + ("---:|" if errors else ""))
-    for row in rows:
-        line = f"| {row['level']} | {row['density']:.2%} | {row['ms']:.3f} |"
-        if errors:
-            line += f" {errors[row['level']]:.3g} |"
-        print(line)
-
-
-def deploy_main(argv=None) -> int:
-    """``tvm-nested deploy MODEL --rpc host:port | --tracker host:port --key K [--target T]``."""
-    p = deploy_parser()
-    args = p.parse_args(argv)
-    check_board_arguments(p, args)
-    model = args.model
-    if not os.path.isfile(model):
-        p.error(f"no such file {model!r}")
-    try:
-        reference = None
-        if model.endswith((".onnx", ".pt2")):
-            from .build import build
-            from .cli import _load_model
-
-            mod = _load_model(model)
-            t0 = time.perf_counter()
-            module = build(mod, target=args.target, tuning_log=args.tuning_log)
-            print(f"compiled {model} for {args.target} in {time.perf_counter() - t0:.1f}s")
-            if not args.no_check:
-                reference = build(mod, target="llvm").runtime()
-        elif model.endswith(".so"):
-            module = model
-        else:
-            p.error(f"{model!r}: expected a compiled module (.so) or a model (.onnx, .pt2)")
-        t0 = time.perf_counter()
-        session = connect_from_args(args)
-        rt = deploy(module, session=session, cc=args.cc, num_threads=args.threads)
-        print(f"uploaded and loaded on the board in {time.perf_counter() - t0:.1f}s")
-        inputs = example_inputs(rt.info, args.seed)
-        errors = {}
-        for lvl in range(rt.num_levels):
-            outs = rt.run(*inputs, level=lvl)
-            if reference is not None:
-                ref = reference.run(*inputs, level=lvl)
-                errors[lvl] = max(float(np.max(np.abs(o - r))) if o.size else 0.0 for o, r in zip(outs, ref))
-        rows = time_levels(rt, *inputs, number=args.number, repeat=args.repeat)
-        where = (f"{args.rpc[0]}:{args.rpc[1]}" if args.rpc
-                 else f"via tracker {args.tracker[0]}:{args.tracker[1]} key {args.key}")
-        _print_table(rt, rows, errors, is_emulated(session), where)
-    except (BoardError, ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-__all__ = ["DEFAULT_TARGET", "BoardError", "board_triple", "connect", "deploy", "deploy_main", "is_emulated", "parse_address",
+__all__ = ["DEFAULT_TARGET", "BoardError", "board_triple", "connect", "deploy", "is_emulated", "parse_address",
            "time_levels", "upload"]

@@ -1,0 +1,5 @@
+"""The ``tvm-nested`` command line (``main``); one module per verb group."""
+
+from .main import main
+
+__all__ = ["main"]

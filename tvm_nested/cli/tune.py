@@ -1,0 +1,51 @@
+"""``tvm-nested tune``: tune a model into a tuning log (``tvm_nested.tune``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..schedules.tuning_log import TuningLogError
+from ..tuning import RPCSettings, tune
+from .common import address, load_model
+
+
+def tune_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    ap = ap or argparse.ArgumentParser(prog="tvm-nested tune", description="Tune a nested model into a tuning log")
+    ap.add_argument("model", help="ONNX model (.onnx) or torch.export archive (.pt2)")
+    ap.add_argument("--target", default="llvm", help="target to tune for (default: this CPU)")
+    ap.add_argument("--log", required=True, help="tuning log directory (created, or appended to for the same target)")
+    ap.add_argument("--trials", type=int, default=64, help="measured candidates per function (default 64)")
+    ap.add_argument("--levels", default=None, help="comma-separated levels to measure (default: all)")
+    ap.add_argument("--rpc-tracker", "--tracker", type=address, default=None, help="host:port of an RPC tracker")
+    ap.add_argument("--rpc-key", "--key", default=None, help="device key at the tracker")
+    ap.add_argument("--rpc", type=address, default=None, help="host:port of one board's RPC server")
+    ap.add_argument("--session-timeout", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def tune_main(argv=None) -> int:
+    """``tvm-nested tune model.onnx|.pt2 --target ... --log DIR --trials N``
+    ``[--rpc-tracker host:port --rpc-key K | --rpc host:port]``; returns the exit status."""
+    args = tune_parser().parse_args(argv)
+    if args.rpc_tracker and args.rpc:
+        raise SystemExit("error: give --rpc-tracker (with --rpc-key) or --rpc, not both")
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise SystemExit("error: --rpc-tracker and --rpc-key go together")
+    runner = "local"
+    if args.rpc_tracker:
+        runner = RPCSettings(tracker_host=args.rpc_tracker[0], tracker_port=args.rpc_tracker[1], key=args.rpc_key,
+                             session_timeout=args.session_timeout)
+    elif args.rpc:
+        runner = RPCSettings(host=args.rpc[0], port=args.rpc[1], session_timeout=args.session_timeout)
+    levels = None if args.levels is None else [int(v) for v in args.levels.split(",")]
+    try:
+        tune(load_model(args.model), args.target, args.log, max_trials=args.trials, runner=runner, levels=levels,
+             seed=args.seed, progress=not args.quiet)
+    except TuningLogError as err:
+        raise SystemExit(f"error: {err}") from err
+    return 0
+
+
+__all__ = ["tune_main", "tune_parser"]

@@ -1,0 +1,297 @@
+"""MetaSchedule plumbing for tuning nested kernels: builder, runner, real arguments, logging.
+
+What ``tuning/tuner.py`` drives. MetaSchedule as shipped cannot tune a nested kernel usefully: its
+runner fills every argument with random data (random index arrays read out of bounds or measure a
+different sparsity), and its builder re-imports every architecture's tensor intrinsics per batch.
+So candidates are built in this process (``InProcessBuilder``) and measured with the kernel's real
+packed arrays at each level (``alloc_arguments``), locally or on a board over RPC (``RPCSettings``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import platform
+import sys
+import tempfile
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.support import cc as tvm_cc
+
+from ..contract import CROSS_TOOLCHAINS
+from ..schedules.cpu import apply_knobs, default_knobs
+from ..target import is_cross
+
+# MetaSchedule's evaluator: one timing (>= MIN_REPEAT_MS) per level per candidate.
+MIN_REPEAT_MS = 40
+RUN_TIMEOUT_S = 60
+# TVM's tensor intrinsics per architecture: MetaSchedule's default CPU rules look them up.
+_INTRIN_MODULES = {"x86_64": ("x86",), "aarch64": ("arm_cpu",), "arm": ("arm_cpu",)}
+
+
+@dataclass(frozen=True)
+class RPCSettings:
+    """Where a remote board measures candidates: a tracker (host, port, key) or a board's RPC server.
+
+    ``RPCSettings(tracker_host="10.0.0.2", tracker_port=9190, key="rk3588")`` or
+    ``RPCSettings(host="10.0.0.7", port=9090)``. ``session_timeout``: seconds per measurement session.
+    """
+
+    tracker_host: str | None = None
+    tracker_port: int | None = None
+    key: str | None = None
+    host: str | None = None
+    port: int | None = None
+    session_timeout: int = 60
+
+    def __post_init__(self):
+        tracker = (self.tracker_host, self.tracker_port, self.key)
+        direct = (self.host, self.port)
+        if all(v is not None for v in tracker) and all(v is None for v in direct):
+            return
+        if all(v is not None for v in direct) and all(v is None for v in tracker):
+            return
+        raise ValueError("RPCSettings needs either tracker_host, tracker_port and key (an RPC tracker), or host and "
+                         f"port (one board's RPC server), not a mix: got {self}")
+
+    @property
+    def uses_tracker(self) -> bool:
+        return self.tracker_host is not None
+
+
+def call_sites(mod: tvm.IRModule) -> dict[str, list]:
+    """First ``call_tir`` argument list of every callee in the Relax functions."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    sites: dict[str, list] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op.same_as(call_tir):
+            callee = expr.args[0]
+            if isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint not in sites:
+                sites[callee.name_hint] = list(expr.args[1].fields)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return sites
+
+
+def arg_specs(args: list) -> list:
+    """How the runner fills each kernel parameter: ('const', array) | ('level',) | ('random',)."""
+    specs = []
+    for a in args:
+        if isinstance(a, tvm.ir.Constant):
+            specs.append(("const", a.value.numpy()))
+        elif len(a.ty.shape) == 0 and getattr(a.ty.dtype, "dtype", str(a.ty.dtype)).startswith("int"):
+            specs.append(("level",))
+        else:
+            specs.append(("random",))
+    return specs
+
+
+def register_tensor_intrinsics(target: tvm.target.Target) -> None:
+    """Register the tensor intrinsics of ``target``'s architecture (idempotent, any order of targets).
+
+    MetaSchedule's ``TuneContext`` imports ``tvm.s_tir.tensor_intrin``, which registers every
+    architecture's intrinsics (CUDA, ROCm, Hexagon, RISC-V...): 45-100 s on a small machine, per
+    process. When nothing imported it yet, the package is entered empty (its real path, so any
+    submodule still imports on demand); then this architecture's submodules are imported, on every
+    call: a process that tuned for aarch64 first still gets the x86 intrinsics (``dot_16x4_vnni``,
+    which MetaSchedule's x86 rules look up on VNNI CPUs) when it tunes for the host.
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        package = types.ModuleType(name, "Tensor intrinsics, entered per architecture by tvm_nested.tune")
+        package.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+        package.__package__ = name
+        sys.modules[name] = package
+    arch = str(target.attrs.get("mtriple", "") or platform.machine()).split("-")[0]
+    for sub in _INTRIN_MODULES.get(arch, ()):
+        importlib.import_module(f"{name}.{sub}")
+
+
+def _build_candidate(mod, target):
+    """MetaSchedule's default build minus its import of every architecture's tensor intrinsics,
+    which a fresh builder worker would pay on every batch (tvm027-cookbook section 4)."""
+    rewrite = tvm.s_tir.transform.RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)
+    return tvm.tirx.build(rewrite(mod), target=target)
+
+
+def _export_cross(mod, cc: str) -> str:
+    """A shared library the board can load (the RPC runner uploads it)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="tvm_nested_tune_"), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=tvm_cc.cross_compiler(cc))
+    return path
+
+
+def signature(args_info) -> str:
+    """A kernel's parameters as the runner sees them (args_info: ["TENSOR", dtype, shape] each)."""
+    return ";".join(f"{info[1]}{[int(v) for v in info[2]]}" for info in args_info)
+
+
+def _alloc_arguments(device, args_info, alloc_repeat, *, kernels, levels, seed):
+    """Runner-side arguments. A nested kernel (found by its signature in ``kernels``) gets its real
+    packed arrays, a random input and one argument set per level in ``levels`` (so its timings are
+    per level, in that order); any other function gets random data, ``alloc_repeat`` times."""
+    rng = np.random.default_rng(seed)
+    specs = kernels.get(signature(args_info))
+    base = []
+    for i, info in enumerate(args_info):
+        dtype, shape = str(info[1]), [int(v) for v in info[2]]
+        spec = specs[i] if specs is not None and i < len(specs) else ("random",)
+        if spec[0] == "const":
+            base.append(spec[1])
+        elif spec[0] == "level":
+            base.append(None)
+        elif dtype.startswith("float"):
+            base.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype.startswith(("int", "uint")):
+            base.append(rng.integers(0, 2, shape).astype(dtype))
+        else:
+            base.append(np.zeros(shape, dtype))
+    sets = [np.array(lvl, "int32") for lvl in levels] if specs is not None else [None] * alloc_repeat
+    out = []
+    for level in sets:
+        row = []
+        for a in (level if a is None else a for a in base):
+            t = tvm.runtime.empty(a.shape, str(a.dtype), device)  # local or remote (RPC) device alike
+            t.copyfrom(a)
+            row.append(t)
+        out.append(row)
+    return out
+
+
+def _rpc_alloc(session, device, args_info, alloc_repeat, **kwargs):
+    return _alloc_arguments(device, args_info, alloc_repeat, **kwargs)
+
+
+def _rpc_direct_session(rpc_config, *, host, port, timeout):
+    return tvm.rpc.connect(host, port, session_timeout=timeout)
+
+
+def _export_local(mod) -> str:
+    path = os.path.join(tempfile.mkdtemp(prefix="tvm_nested_tune_"), "candidate.so")
+    mod.export_library(path)
+    return path
+
+
+@derived_object
+class InProcessBuilder(ms.builder.PyBuilder):
+    """Builds candidates in this process, one after another.
+
+    MetaSchedule's LocalBuilder starts a fresh pool of worker processes for every batch, each
+    importing TVM (10-30 s on a small, shared machine) before it builds anything; that start-up
+    dominated tuning here. Candidates of the nested and dense spaces are plain loop nests whose
+    compilation does not crash, so the isolation is not worth its price. Errors are reported
+    per candidate like LocalBuilder does.
+    """
+
+    def __init__(self, f_export):
+        super().__init__()
+        self.f_export = f_export
+
+    def build(self, build_inputs):
+        results = []
+        for item in build_inputs:
+            try:
+                path = self.f_export(_build_candidate(item.mod, item.target))
+                results.append(ms.builder.BuilderResult(path, None))
+            except Exception as err:  # noqa: BLE001 (a failed candidate is a result, not a crash)
+                results.append(ms.builder.BuilderResult(None, f"{type(err).__name__}: {err}"))
+        return results
+
+
+def make_builder(target: tvm.target.Target, runner) -> InProcessBuilder:
+    """The builder for ``runner``'s device: a local .so, or one cross-compiled for the board."""
+    f_export = _export_local
+    if runner != "local" and is_cross(target):
+        arch = str(target.attrs.get("mtriple", "")).split("-")[0]
+        if arch not in CROSS_TOOLCHAINS:
+            raise ValueError(f"no known cross compiler for {target.attrs.get('mtriple')}: cannot export candidates")
+        f_export = functools.partial(_export_cross, cc=CROSS_TOOLCHAINS[arch].cc)
+    return InProcessBuilder(f_export)
+
+
+def make_runner(runner, *, kernels=None, levels=(0,), seed=0):
+    """One MetaSchedule runner for ``runner`` ("local" | RPCSettings) serving every task: nested
+    kernels (``kernels``: signature -> argument specs) are measured on real arrays at each level."""
+    config = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=MIN_REPEAT_MS)
+    alloc = {"kernels": dict(kernels or {}), "levels": list(levels), "seed": seed}
+    if runner == "local":
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=config,
+                                     f_alloc_argument=functools.partial(_alloc_arguments, **alloc))
+    if not isinstance(runner, RPCSettings):
+        raise TypeError(f"runner must be 'local' or tvm_nested.tune.RPCSettings, got {type(runner).__name__} "
+                        "(MetaSchedule runners are not accepted: they would measure nested kernels on random indices)")
+    extra = {}
+    if runner.uses_tracker:
+        rpc_config = ms.runner.RPCConfig(tracker_host=runner.tracker_host, tracker_port=runner.tracker_port,
+                                         tracker_key=runner.key, session_timeout_sec=runner.session_timeout)
+    else:
+        # RPCConfig insists on tracker fields; the board's address stands in (f_create_session connects directly)
+        rpc_config = ms.runner.RPCConfig(tracker_host=runner.host, tracker_port=runner.port, tracker_key="direct",
+                                         session_timeout_sec=runner.session_timeout)
+        extra["f_create_session"] = functools.partial(_rpc_direct_session, host=runner.host, port=runner.port,
+                                                      timeout=runner.session_timeout)
+    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config,  # time-out: session_timeout
+                               f_alloc_argument=functools.partial(_rpc_alloc, **alloc), **extra)
+
+
+def measure_defaults(db, task_mod, target, builder, runner) -> None:
+    """Measure ``schedule_cpu``'s default knobs first and record them, so the log's best for a
+    nested kernel is never worse than what an untuned build compiles (the search may not sample
+    that grid point within a small trial budget)."""
+    sch = tvm.s_tir.Schedule(task_mod, debug_mask="all")
+    apply_knobs(sch, default_knobs(target))
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg is not None:
+        raise RuntimeError(f"default schedule does not build: {built.error_msg}")
+    args_info = ms.arg_info.ArgInfo.from_prim_func(task_mod["main"])
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])
+    result = future.result()
+    if result.error_msg is not None or not result.run_secs:
+        raise RuntimeError(f"default schedule does not run: {result.error_msg}")
+    workload = db.commit_workload(task_mod)
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [float(v) for v in result.run_secs],
+                                                     target, args_info))
+
+
+def workload_records(db, task_mod) -> list:
+    if not db.has_workload(task_mod):
+        return []
+    wl = db.commit_workload(task_mod)
+    return [r for r in db.get_all_tuning_records() if tvm_ffi.structural_equal(r.workload.mod, wl.mod)]
+
+
+def best_record(records):
+    ok = [r for r in records if r.run_secs]
+    return min(ok, key=lambda r: float(np.mean([float(s) for s in r.run_secs])), default=None)
+
+
+@contextlib.contextmanager
+def metaschedule_logging():
+    """TVM 0.27's ``tune_tir`` re-configures its logger with ``dictConfig``, listing the handlers already
+    on it by name: one it did not create (pytest's log capture, a user's unnamed handler) makes it
+    crash ("'NoneType' object has no attribute 'format'"). Those are detached while it tunes and put
+    back afterwards."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    foreign = [h for h in logger.handlers if not (h.get_name() or "").startswith(logger.name)]
+    for handler in foreign:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in foreign:
+            logger.addHandler(handler)
+
+
