@@ -38,8 +38,16 @@ def check_targets(results) -> list[dict]:
         s = _closest(results["levels"], t["weights"])
         drop = dense - s["accuracy"]
         ok = drop * 100 <= t["max_drop_points"] if "max_drop_points" in t else drop / dense <= t["max_rel_drop"]
-        out.append({"target": t["what"], "level": s["level"], "weights": s["weights"],
-                    "accuracy": s["accuracy"], "drop_points": 100 * drop, "met": bool(ok)})
+        out.append(
+            {
+                "target": t["what"],
+                "level": s["level"],
+                "weights": s["weights"],
+                "accuracy": s["accuracy"],
+                "drop_points": 100 * drop,
+                "met": bool(ok),
+            }
+        )
     return out
 
 
@@ -59,14 +67,23 @@ def markdown(results, checks) -> str:
         f"| dense | {100 * dense:.2f} | 0.00 | 100.00 | 100.00 |",
     ]
     for s in results["levels"]:
-        lines.append(f"| level {s['level']} | {100 * s['accuracy']:.2f} | {100 * (s['accuracy'] - dense):+.2f} | "
-                     f"{100 * s['weights']:.2f} | {100 * s['flops']:.2f} |")
-    lines += ["", "Weights: kept Conv/Linear weights over all of them; FLOPs: multiply-adds of every Conv/Linear "
-              "at that level over the dense model's.", "", "| target | level | weights (%) | Δ (points) | met |",
-              "| --- | ---: | ---: | ---: | :---: |"]
+        lines.append(
+            f"| level {s['level']} | {100 * s['accuracy']:.2f} | {100 * (s['accuracy'] - dense):+.2f} | "
+            f"{100 * s['weights']:.2f} | {100 * s['flops']:.2f} |"
+        )
+    lines += [
+        "",
+        "Weights: kept Conv/Linear weights over all of them; FLOPs: multiply-adds of every Conv/Linear "
+        "at that level over the dense model's.",
+        "",
+        "| target | level | weights (%) | Δ (points) | met |",
+        "| --- | ---: | ---: | ---: | :---: |",
+    ]
     for c in checks:
-        lines.append(f"| {c['target']} | {c['level']} | {100 * c['weights']:.2f} | {-c['drop_points']:+.2f} | "
-                     f"{'yes' if c['met'] else 'no'} |")
+        lines.append(
+            f"| {c['target']} | {c['level']} | {100 * c['weights']:.2f} | {-c['drop_points']:+.2f} | "
+            f"{'yes' if c['met'] else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -64,7 +64,7 @@ def _levels(weight: np.ndarray, densities=DENSITIES) -> np.ndarray:
     order = np.argsort(-flat, kind="stable")
     lm = np.full(flat.size, -1, np.int32)
     for lvl, d in enumerate(densities):
-        lm[order[: int(round(d * flat.size))]] = lvl
+        lm[order[: round(d * flat.size)]] = lvl
     return lm.reshape(weight.shape)
 
 
@@ -120,8 +120,8 @@ def _torch_ms(fn, repeat: int) -> float:
 
 def bench_workload(name: str, arch: str, repeat: int) -> list[dict]:
     import torch
-    import tvm
     import torch.nn.functional as F
+    import tvm
 
     op, p = WORKLOADS[name]
     func, fmt, x, out_shape, w, lm = make_workload(name)
@@ -132,24 +132,25 @@ def bench_workload(name: str, arch: str, repeat: int) -> list[dict]:
     timer = ex.mod.time_evaluator("main", dev, number=10, repeat=repeat)
     xt = torch.from_numpy(x).cuda()
     rows = []
-    for level, density in enumerate(DENSITIES):
+    for level in range(len(DENSITIES)):
         w_eff = torch.from_numpy(w * (lm >= level)).cuda()
         lvl = tvm.runtime.tensor(np.array(level, np.int32), dev)
         ex["main"](*args, lvl, out)
         if op == "linear":
-            dense = lambda: F.linear(xt, w_eff)  # noqa: E731
+            dense = lambda: F.linear(xt, w_eff)
             csr = w_eff.to_sparse_csr()
-            sparse = lambda: torch.sparse.mm(csr, xt.t()).t()  # noqa: E731
+            sparse = lambda: torch.sparse.mm(csr, xt.t()).t()
         else:
             k, pad = p["k"], p["pad"]
             w4 = w_eff.reshape(p["o"], p["c"], k, k)
-            dense = lambda: F.conv2d(xt, w4, padding=pad)  # noqa: E731
+            dense = lambda: F.conv2d(xt, w4, padding=pad)
             csr = w_eff.to_sparse_csr()
             oh = out_shape[2]
 
             def sparse():
                 cols = F.unfold(xt, k, padding=pad)[0]  # [C*k*k, OH*OW]
                 return torch.sparse.mm(csr, cols).reshape(1, p["o"], oh, -1)
+
         want = dense().cpu().numpy()
         scale = max(1.0, float(np.abs(want).max()))
         for label, got in (("ours", out.numpy()), ("torch-csr", sparse().cpu().numpy())):
@@ -157,25 +158,38 @@ def bench_workload(name: str, arch: str, repeat: int) -> list[dict]:
             if err > 1e-3 * scale:
                 raise AssertionError(f"{name} level {level}: {label} differs from torch dense by {err}")
         ours = float(np.median(timer(*args, lvl, out).results) * 1e3)
-        rows.append({"workload": name, "level": level, "density": float(fmt.density(level)),
-                     "ours_ms": ours, "torch_dense_ms": _torch_ms(dense, repeat),
-                     "torch_csr_ms": _torch_ms(sparse, repeat)})
+        rows.append(
+            {
+                "workload": name,
+                "level": level,
+                "density": float(fmt.density(level)),
+                "ours_ms": ours,
+                "torch_dense_ms": _torch_ms(dense, repeat),
+                "torch_csr_ms": _torch_ms(sparse, repeat),
+            }
+        )
     return rows
 
 
 def write_results(rows: list[dict], meta: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    lines = [f"# Nested sparse kernels on {meta['device']} ({meta['arch']})", "",
-             f"TVM {meta['tvm']}, torch {meta['torch']}, CUDA {meta['cuda']}; median of "
-             f"{meta['repeat']} runs, ms, batch 1, fp32. One compiled kernel per workload serves "
-             "every level (the level is a run-time argument).", "",
-             "| workload | level | density | ours (ms) | torch dense (ms) | torch CSR (ms) "
-             "| vs dense | vs CSR |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Nested sparse kernels on {meta['device']} ({meta['arch']})",
+        "",
+        f"TVM {meta['tvm']}, torch {meta['torch']}, CUDA {meta['cuda']}; median of "
+        f"{meta['repeat']} runs, ms, batch 1, fp32. One compiled kernel per workload serves "
+        "every level (the level is a run-time argument).",
+        "",
+        "| workload | level | density | ours (ms) | torch dense (ms) | torch CSR (ms) | vs dense | vs CSR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['workload']} | {r['level']} | {r['density']:.3f} | {r['ours_ms']:.4f} "
-                     f"| {r['torch_dense_ms']:.4f} | {r['torch_csr_ms']:.4f} "
-                     f"| {r['torch_dense_ms'] / r['ours_ms']:.2f}x | {r['torch_csr_ms'] / r['ours_ms']:.2f}x |")
+        lines.append(
+            f"| {r['workload']} | {r['level']} | {r['density']:.3f} | {r['ours_ms']:.4f} "
+            f"| {r['torch_dense_ms']:.4f} | {r['torch_csr_ms']:.4f} "
+            f"| {r['torch_dense_ms'] / r['ours_ms']:.2f}x | {r['torch_csr_ms'] / r['ours_ms']:.2f}x |"
+        )
     (out_dir / "gpu.md").write_text("\n".join(lines) + "\n")
 
 
@@ -183,10 +197,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--repeat", type=int, default=50)
-    ap.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
-                    help="run only these workloads (default: all)")
-    ap.add_argument("--build-only", action="store_true",
-                    help="build every workload's kernel for --arch and exit (no GPU needed)")
+    ap.add_argument(
+        "--workload", action="append", choices=sorted(WORKLOADS), help="run only these workloads (default: all)"
+    )
+    ap.add_argument(
+        "--build-only", action="store_true", help="build every workload's kernel for --arch and exit (no GPU needed)"
+    )
     ap.add_argument("--arch", default=None, help="sm_XY; default: the GPU's own")
     args = ap.parse_args(argv)
     names = args.workload or list(WORKLOADS)
@@ -201,9 +217,12 @@ def main(argv=None) -> int:
 
     ok, why = gpu_probe()
     if not ok:
-        print(f"bench/gpu.py: no usable GPU here ({why}); nothing measured, no results written. "
-              "Run it on a machine with an NVIDIA GPU, CUDA-enabled torch and TVM's CUDA runtime "
-              "(cuda-bindings for NVRTC, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc).", file=sys.stderr)
+        print(
+            f"bench/gpu.py: no usable GPU here ({why}); nothing measured, no results written. "
+            "Run it on a machine with an NVIDIA GPU, CUDA-enabled torch and TVM's CUDA runtime "
+            "(cuda-bindings for NVRTC, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc).",
+            file=sys.stderr,
+        )
         return 2
 
     import torch
@@ -215,9 +234,15 @@ def main(argv=None) -> int:
     for name in names:
         rows += bench_workload(name, arch, args.repeat)
         print(f"{name}: done")
-    meta = {"device": torch.cuda.get_device_name(0), "arch": arch, "tvm": tvm.__version__,
-            "torch": torch.__version__, "cuda": torch.version.cuda, "repeat": args.repeat,
-            "host": platform.node()}
+    meta = {
+        "device": torch.cuda.get_device_name(0),
+        "arch": arch,
+        "tvm": tvm.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "repeat": args.repeat,
+        "host": platform.node(),
+    }
     write_results(rows, meta, args.out)
     print(f"wrote {args.out / 'gpu.md'} and {args.out / 'gpu.json'}")
     return 0

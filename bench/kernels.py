@@ -45,8 +45,7 @@ WORKLOADS = {
     "pointnet_mlp_64-128_n1024": ("linear", (128, 64, 1024)),
     "pointnet_mlp_128-1024_n1024": ("linear", (1024, 128, 1024)),
 }
-QUICK = ["rn50_s1_1x1_256-64_56", "rn50_s4_3x3_512_7", "gnmt_gates_4096x1024_b1",
-         "pointnet_mlp_64-128_n1024"]
+QUICK = ["rn50_s1_1x1_256-64_56", "rn50_s4_3x3_512_7", "gnmt_gates_4096x1024_b1", "pointnet_mlp_64-128_n1024"]
 
 
 def cpu_model() -> str:
@@ -128,8 +127,14 @@ def bench_workload(name, target, threads, rng, seed_offset=0):
     import torch.nn.functional as F
     import tvm
 
-    from tvm_nested.schedules import (NestedCSR, nested_conv2d, nested_conv2d_ref, nested_linear,
-                                      nested_linear_ref, schedule_cpu)
+    from tvm_nested.schedules import (
+        NestedCSR,
+        nested_conv2d,
+        nested_conv2d_ref,
+        nested_linear,
+        nested_linear_ref,
+        schedule_cpu,
+    )
 
     kind, p = WORKLOADS[name]
     if kind == "conv":
@@ -156,8 +161,10 @@ def bench_workload(name, target, threads, rng, seed_offset=0):
     # peers' inputs: im2col for the CSR peers of a conv (its time is included)
     xt = torch.from_numpy(x)
     if kind == "conv":
+
         def cols_t():
             return F.unfold(xt, k, padding=pad, stride=s)[0]  # [C*k*k, OH*OW]
+
     dense_ex = _tvm_dense(kind, p, x, w, target)  # the masked weight is an argument
     rows = []
     for lvl, dens in enumerate(DENSITIES):
@@ -172,7 +179,7 @@ def bench_workload(name, target, threads, rng, seed_offset=0):
         err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
         if err > 1e-3:
             raise AssertionError(f"{name} level {lvl}: nested kernel differs from reference ({err})")
-        t = {"nested": _time_tvm(ex, base + [lvl_t, out])}
+        t = {"nested": _time_tvm(ex, [*base, lvl_t, out])}
         t["tvm_dense"] = _time_vm(dense_ex, [tvm.runtime.tensor(x), tvm.runtime.tensor(w_eff)])
         wt = torch.from_numpy(w_eff)
         w2 = w_eff.reshape(w_eff.shape[0], -1)
@@ -189,13 +196,25 @@ def bench_workload(name, target, threads, rng, seed_offset=0):
                 t["torch_dense"] = _time_torch(lambda: F.linear(xt, wt))
                 t["torch_csr"] = _time_torch(lambda: wcsr_t @ xTt)
                 t["scipy_csr"] = _time_torch(lambda: wcsr_s @ xT)
-        rows.append({"workload": name, "kind": kind, "threads": threads, "level": lvl,
-                     "density": float(fmt.density(lvl)), "target_density": dens, "ms": t})
+        rows.append(
+            {
+                "workload": name,
+                "kind": kind,
+                "threads": threads,
+                "level": lvl,
+                "density": float(fmt.density(lvl)),
+                "target_density": dens,
+                "ms": t,
+            }
+        )
     best_dense = min(min(r["ms"]["tvm_dense"], r["ms"]["torch_dense"]) for r in rows[:1])
     for r in rows:
         r["ms"]["ideal"] = best_dense * r["density"]
-        print(f"  {name:30s} t={threads} L{r['level']} d={r['density']:.3f} " +
-              " ".join(f"{k}={v:.3f}" for k, v in r["ms"].items()), flush=True)
+        print(
+            f"  {name:30s} t={threads} L{r['level']} d={r['density']:.3f} "
+            + " ".join(f"{k}={v:.3f}" for k, v in r["ms"].items()),
+            flush=True,
+        )
     return rows
 
 
@@ -205,23 +224,31 @@ PEERS = ["nested", "tvm_dense", "torch_dense", "torch_csr", "scipy_csr", "ideal"
 def write_results(rows, meta, stem="kernels"):
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# Nested kernels vs peers ({stem})", "",
-             f"CPU: {meta['cpu']}; dtype {meta['dtype']}; batch as named (linear: rows x cols, "
-             f"batch b / points n; conv: batch 1, NCHW); load average at start {meta['load_start']}, "
-             f"at end {meta['load_end']}. Times in ms (median); nested = default schedule, untuned.",
-             ""]
+    lines = [
+        f"# Nested kernels vs peers ({stem})",
+        "",
+        f"CPU: {meta['cpu']}; dtype {meta['dtype']}; batch as named (linear: rows x cols, "
+        f"batch b / points n; conv: batch 1, NCHW); load average at start {meta['load_start']}, "
+        f"at end {meta['load_end']}. Times in ms (median); nested = default schedule, untuned.",
+        "",
+    ]
     for threads in meta["threads"]:
-        lines += [f"## {threads} thread(s)", "",
-                  "| workload | level | density | " + " | ".join(PEERS) + " | nested / best dense |",
-                  "|---|---|---|" + "---|" * (len(PEERS) + 1)]
+        lines += [
+            f"## {threads} thread(s)",
+            "",
+            "| workload | level | density | " + " | ".join(PEERS) + " | nested / best dense |",
+            "|---|---|---|" + "---|" * (len(PEERS) + 1),
+        ]
         for r in rows:
             if r["threads"] != threads:
                 continue
             ms = r["ms"]
             best = min(ms["tvm_dense"], ms["torch_dense"])
-            lines.append(f"| {r['workload']} | {r['level']} | {r['density']:.3f} | " +
-                         " | ".join(f"{ms[p]:.3f}" for p in PEERS) +
-                         f" | {ms['nested'] / best:.2f} |")
+            lines.append(
+                f"| {r['workload']} | {r['level']} | {r['density']:.3f} | "
+                + " | ".join(f"{ms[p]:.3f}" for p in PEERS)
+                + f" | {ms['nested'] / best:.2f} |"
+            )
         lines.append("")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     try:
@@ -233,16 +260,22 @@ def write_results(rows, meta, stem="kernels"):
         print("matplotlib missing: no plot", file=sys.stderr)
         return
     names = list(dict.fromkeys(r["workload"] for r in rows))
-    fig, axes = plt.subplots(len(meta["threads"]), len(names), figsize=(3.2 * len(names), 3.2 * len(meta["threads"])),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(meta["threads"]), len(names), figsize=(3.2 * len(names), 3.2 * len(meta["threads"])), squeeze=False
+    )
     for i, threads in enumerate(meta["threads"]):
         for j, name in enumerate(names):
             ax = axes[i][j]
             sel = [r for r in rows if r["threads"] == threads and r["workload"] == name]
             dens = [r["density"] * 100 for r in sel]
             for peer in PEERS:
-                ax.plot(dens, [r["ms"][peer] for r in sel], marker="o", label=peer,
-                        linestyle="--" if peer == "ideal" else "-")
+                ax.plot(
+                    dens,
+                    [r["ms"][peer] for r in sel],
+                    marker="o",
+                    label=peer,
+                    linestyle="--" if peer == "ideal" else "-",
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{name}\n{threads} thread(s)", fontsize=7)
@@ -268,12 +301,22 @@ def main(argv=None):
 
     target = tvm_nested.parse_target("llvm")
     names = QUICK if args.quick else list(WORKLOADS)
-    meta = {"cpu": cpu_model(), "target": str(target), "dtype": "float32", "threads": args.threads,
-            "densities": list(DENSITIES), "workloads": {n: WORKLOADS[n] for n in names},
-            "load_start": os.getloadavg()[0], "tvm": tvm.__version__, "torch": torch.__version__,
-            "tuned": "not measured (default schedule only)"}
-    print(f"CPU {meta['cpu']}, target {target}, dtype float32, threads {args.threads}, "
-          f"load {meta['load_start']:.2f}", flush=True)
+    meta = {
+        "cpu": cpu_model(),
+        "target": str(target),
+        "dtype": "float32",
+        "threads": args.threads,
+        "densities": list(DENSITIES),
+        "workloads": {n: WORKLOADS[n] for n in names},
+        "load_start": os.getloadavg()[0],
+        "tvm": tvm.__version__,
+        "torch": torch.__version__,
+        "tuned": "not measured (default schedule only)",
+    }
+    print(
+        f"CPU {meta['cpu']}, target {target}, dtype float32, threads {args.threads}, load {meta['load_start']:.2f}",
+        flush=True,
+    )
     rows = []
     for threads in args.threads:
         tvm_nested.set_num_threads(threads)

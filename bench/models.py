@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import RESULTS, _time_torch, cpu_model  # noqa: E402
+from kernels import RESULTS, _time_torch, cpu_model
 
 DENSITIES = (0.5, 0.2, 0.1, 0.05)
 
@@ -45,8 +45,7 @@ def _conv_gemm_layers(model):
         if node.op_type not in ("Conv", "Gemm") or node.input[1] not in init:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        layers.append((node.op_type, init[node.input[1]].astype(np.float32),
-                       shapes.get(node.input[0]), attrs))
+        layers.append((node.op_type, init[node.input[1]].astype(np.float32), shapes.get(node.input[0]), attrs))
     return layers
 
 
@@ -61,8 +60,10 @@ def _torch_layers_ms(layers, threads):
         wt = torch.from_numpy(w)
         if kind == "Conv":
             pads = attrs.get("pads", [0, 0, 0, 0])
-            calls.append(lambda x=x, wt=wt, s=attrs.get("strides", [1, 1]), p=pads[:2],
-                         g=attrs.get("group", 1): F.conv2d(x, wt, stride=s, padding=p, groups=g))
+            strides, groups = attrs.get("strides", [1, 1]), attrs.get("group", 1)
+            calls.append(
+                lambda x=x, wt=wt, s=strides, p=pads[:2], g=groups: F.conv2d(x, wt, stride=s, padding=p, groups=g)
+            )
         else:
             if attrs.get("transB", 0) == 0:
                 wt = wt.T.contiguous()
@@ -72,6 +73,7 @@ def _torch_layers_ms(layers, threads):
         with torch.no_grad():
             for c in calls:
                 c()
+
     return _time_torch(run_all, min_s=0.2, repeat=5)
 
 
@@ -89,12 +91,14 @@ def main(argv=None):
     from tvm_nested.authoring.onnx_nest import ort_run
 
     load_start = os.getloadavg()[0]
-    print(f"CPU {cpu_model()}, model {args.model}, dtype float32, batch 1, threads {args.threads}, "
-          f"load {load_start:.2f}", flush=True)
+    print(
+        f"CPU {cpu_model()}, model {args.model}, dtype float32, batch 1, threads {args.threads}, load {load_start:.2f}",
+        flush=True,
+    )
     dense_model = zoo.load(args.model)
     nested_model = zoo.nested(args.model, densities=DENSITIES)
     feed = zoo.example_input(dense_model)
-    (in_name, x), = feed.items()
+    ((_in_name, x),) = feed.items()
     t0 = time.perf_counter()
     lib = tvm_nested.build(tvm_nested.from_onnx(nested_model), "llvm")
     build_s = time.perf_counter() - t0
@@ -113,40 +117,68 @@ def main(argv=None):
             so_opts = ort.SessionOptions()
             so_opts.intra_op_num_threads = threads
             so_opts.inter_op_num_threads = 1
-            sess = ort.InferenceSession(dense_model.SerializeToString(), so_opts,
-                                        providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(dense_model.SerializeToString(), so_opts, providers=["CPUExecutionProvider"])
             ort_ms = _time_torch(lambda: sess.run(None, feed), min_s=0.2, repeat=5)
             torch_ms = _torch_layers_ms(layers, threads)
             for lvl in range(lib.num_levels):
                 ms = rt.time(x, level=lvl, number=2, repeat=5)
-                rows.append({"threads": threads, "level": lvl, "density": lib.densities[lvl],
-                             "nested_ms": ms, "ort_dense_ms": ort_ms,
-                             "torch_dense_layers_ms": torch_ms})
-                print(f"  t={threads} L{lvl} density={lib.densities[lvl]:.3f} nested={ms:.1f} ms "
-                      f"ort_dense={ort_ms:.1f} ms torch_dense(conv/gemm only)={torch_ms:.1f} ms",
-                      flush=True)
-    meta = {"cpu": cpu_model(), "model": args.model, "dtype": "float32", "batch": 1,
-            "threads": args.threads, "load_start": load_start, "load_end": os.getloadavg()[0],
-            "build_s": build_s, "so_bytes": so_bytes, "payload_bytes": lib.payload_bytes,
-            "csr_bytes": lib.csr_bytes, "dense_bytes": lib.dense_bytes,
-            "onnx_dense_bytes": dense_model.ByteSize(), "level0_rel_err_vs_ort": err,
-            "tvm": tvm.__version__, "tuned": "no (default schedules)"}
+                rows.append(
+                    {
+                        "threads": threads,
+                        "level": lvl,
+                        "density": lib.densities[lvl],
+                        "nested_ms": ms,
+                        "ort_dense_ms": ort_ms,
+                        "torch_dense_layers_ms": torch_ms,
+                    }
+                )
+                print(
+                    f"  t={threads} L{lvl} density={lib.densities[lvl]:.3f} nested={ms:.1f} ms "
+                    f"ort_dense={ort_ms:.1f} ms torch_dense(conv/gemm only)={torch_ms:.1f} ms",
+                    flush=True,
+                )
+    meta = {
+        "cpu": cpu_model(),
+        "model": args.model,
+        "dtype": "float32",
+        "batch": 1,
+        "threads": args.threads,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+        "build_s": build_s,
+        "so_bytes": so_bytes,
+        "payload_bytes": lib.payload_bytes,
+        "csr_bytes": lib.csr_bytes,
+        "dense_bytes": lib.dense_bytes,
+        "onnx_dense_bytes": dense_model.ByteSize(),
+        "level0_rel_err_vs_ort": err,
+        "tvm": tvm.__version__,
+        "tuned": "no (default schedules)",
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = [f"# {args.model}: nested (one module, every level) vs dense peers", "",
-          f"CPU {meta['cpu']}, float32, batch 1, untuned default schedules. Load average "
-          f"{load_start:.2f} at start, {meta['load_end']:.2f} at end (2-core machine, shared).", "",
-          f"Module: exported .so {so_bytes / 2**20:.1f} MiB; nested payload "
-          f"{lib.payload_bytes / 2**20:.1f} MiB (plain CSR of level 0: {lib.csr_bytes / 2**20:.1f} MiB, "
-          f"dense weights {lib.dense_bytes / 2**20:.1f} MiB; dense ONNX {meta['onnx_dense_bytes'] / 2**20:.1f} MiB). "
-          f"Build {build_s:.0f} s. Level 0 vs onnxruntime (nested model): max rel. error {err:.1e}.", "",
-          "torch_dense runs only the conv/gemm layers (no BN/pool/ReLU/add): a lower bound.", "",
-          "| threads | level | density | nested ms | ort dense ms | torch dense (conv/gemm) ms | nested / ort |",
-          "|---|---|---|---|---|---|---|"]
+    md = [
+        f"# {args.model}: nested (one module, every level) vs dense peers",
+        "",
+        f"CPU {meta['cpu']}, float32, batch 1, untuned default schedules. Load average "
+        f"{load_start:.2f} at start, {meta['load_end']:.2f} at end (2-core machine, shared).",
+        "",
+        f"Module: exported .so {so_bytes / 2**20:.1f} MiB; nested payload "
+        f"{lib.payload_bytes / 2**20:.1f} MiB (plain CSR of level 0: {lib.csr_bytes / 2**20:.1f} MiB, "
+        f"dense weights {lib.dense_bytes / 2**20:.1f} MiB; dense ONNX {meta['onnx_dense_bytes'] / 2**20:.1f} MiB). "
+        f"Build {build_s:.0f} s. Level 0 vs onnxruntime (nested model): max rel. error {err:.1e}.",
+        "",
+        "torch_dense runs only the conv/gemm layers (no BN/pool/ReLU/add): a lower bound.",
+        "",
+        "| threads | level | density | nested ms | ort dense ms | torch dense (conv/gemm) ms | nested / ort |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        md.append(f"| {r['threads']} | {r['level']} | {r['density']:.3f} | {r['nested_ms']:.1f} | "
-                  f"{r['ort_dense_ms']:.1f} | {r['torch_dense_layers_ms']:.1f} | "
-                  f"{r['nested_ms'] / r['ort_dense_ms']:.2f} |")
+        md.append(
+            f"| {r['threads']} | {r['level']} | {r['density']:.3f} | {r['nested_ms']:.1f} | "
+            f"{r['ort_dense_ms']:.1f} | {r['torch_dense_layers_ms']:.1f} | "
+            f"{r['nested_ms'] / r['ort_dense_ms']:.2f} |"
+        )
     (RESULTS / "models.md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib
@@ -159,10 +191,15 @@ def main(argv=None):
             sel = [r for r in rows if r["threads"] == threads]
             d = [r["density"] * 100 for r in sel]
             ax.plot(d, [r["nested_ms"] for r in sel], marker="o", label=f"nested, {threads}T")
-            ax.axhline(sel[0]["ort_dense_ms"], linestyle="--", label=f"ort dense, {threads}T",
-                       color=ax.lines[-1].get_color())
-            ax.axhline(sel[0]["torch_dense_layers_ms"], linestyle=":",
-                       label=f"torch conv/gemm, {threads}T", color=ax.lines[-1].get_color())
+            ax.axhline(
+                sel[0]["ort_dense_ms"], linestyle="--", label=f"ort dense, {threads}T", color=ax.lines[-1].get_color()
+            )
+            ax.axhline(
+                sel[0]["torch_dense_layers_ms"],
+                linestyle=":",
+                label=f"torch conv/gemm, {threads}T",
+                color=ax.lines[-1].get_color(),
+            )
         ax.set_xlabel("density %")
         ax.set_ylabel("ms (batch 1)")
         ax.set_title(f"{args.model} nested vs dense")

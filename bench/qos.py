@@ -98,8 +98,8 @@ def _build(model_cls, x):
     from torch import nn
 
     import tvm_nested
-    from tvm_nested.authoring import nn as tnn
     from tvm_nested import reroute
+    from tvm_nested.authoring import nn as tnn
     from tvm_nested.contract import DEADLINE_FUNC
 
     torch.manual_seed(0)
@@ -215,7 +215,9 @@ def _summary(lat, deadline, L, levels=None, static_level=None):
         "requests": int(a.size),
         "met": met,
         "nines": (math.inf if miss == 0 else -math.log10(miss)),
-        "mean_ms": float(a.mean()), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
     }
     if levels is not None:
         out["stage_level_mix"] = [float(np.mean(levels == lvl)) for lvl in range(L)]
@@ -229,7 +231,9 @@ def _summary(lat, deadline, L, levels=None, static_level=None):
 
 
 def _nines(s):
-    return ">= %.1f (no miss)" % math.log10(max(s["requests"], 1)) if math.isinf(s["nines"]) else "%.2f" % s["nines"]
+    if math.isinf(s["nines"]):
+        return f">= {math.log10(max(s['requests'], 1)):.1f} (no miss)"
+    return f"{s['nines']:.2f}"
 
 
 def _hardware():
@@ -265,36 +269,59 @@ def main(argv=None) -> int:
     tvm_nested.set_num_threads(a.threads)
     t_start = time.time()
     load_before = os.getloadavg()
-    report = {"hardware": _hardware(), "threads": a.threads, "competitors": a.competitors, "densities": list(DENSITIES), "stages": STAGES,
-              "load_average_before": load_before, "workloads": {}}
+    report = {
+        "hardware": _hardware(),
+        "threads": a.threads,
+        "competitors": a.competitors,
+        "densities": list(DENSITIES),
+        "stages": STAGES,
+        "load_average_before": load_before,
+        "workloads": {},
+    }
     for i, (name, (cls, x)) in enumerate(_models().items()):
         t0 = time.time()
         lib, lib_noreserve, table, overhead, quiet = _build(cls, x)
         rt = lib.runtime()
         rt0 = lib_noreserve.runtime()
         build_s = time.time() - t0
-        print(f"[qos] {name}: built + profiled in {build_s:.1f} s; table (us) {np.round(table, 1).tolist()}; "
-              f"overhead beyond the table {overhead:.1f} us; quiet medians (us) {quiet}", flush=True)
+        print(
+            f"[qos] {name}: built + profiled in {build_s:.1f} s; table (us) {np.round(table, 1).tolist()}; "
+            f"overhead beyond the table {overhead:.1f} us; quiet medians (us) {quiet}",
+            flush=True,
+        )
         with Load(seed=a.seed + 100 * i, processes=a.competitors):
             time.sleep(0.2)
-            deadline, cal, lat, levels = _serve(rt, rt0, x, a.calibration, a.requests, a.time_limit, a.seed + i,
-                                                a.calibration_s)
+            deadline, cal, lat, levels = _serve(
+                rt, rt0, x, a.calibration, a.requests, a.time_limit, a.seed + i, a.calibration_s
+            )
         L = rt.num_levels
         summ = {
             "static densest": _summary(lat["static densest"], deadline, L, static_level=0),
             "static sparsest": _summary(lat["static sparsest"], deadline, L, static_level=L - 1),
             **{k: _summary(lat[k], deadline, L, levels=v) for k, v in levels.items()},
         }
-        report["workloads"][name] = {"deadline_ms": deadline, "deadline_rule": "p90 of densest under load",
-                                     "latency_table_us": table.tolist(), "overhead_us": overhead, "quiet_median_us": quiet, "stages": lib.info["stages"]["macs"],
-                                     "build_and_profile_s": build_s, "summary": summ,
-                                     "latencies_ms": {k: [round(v, 4) for v in vs] for k, vs in lat.items()},
-                                     "calibration_ms": [round(v, 4) for v in cal],
-                                     "rerouting_levels": {k: v.tolist() for k, v in levels.items()}}
+        report["workloads"][name] = {
+            "deadline_ms": deadline,
+            "deadline_rule": "p90 of densest under load",
+            "latency_table_us": table.tolist(),
+            "overhead_us": overhead,
+            "quiet_median_us": quiet,
+            "stages": lib.info["stages"]["macs"],
+            "build_and_profile_s": build_s,
+            "summary": summ,
+            "latencies_ms": {k: [round(v, 4) for v in vs] for k, vs in lat.items()},
+            "calibration_ms": [round(v, 4) for v in cal],
+            "rerouting_levels": {k: v.tolist() for k, v in levels.items()},
+        }
         for k, s in summ.items():
-            print(f"[qos]   {k:30s} met {s['met']:.4f} nines {_nines(s)} mean {s['mean_ms']:.3f} p50 {s['p50_ms']:.3f} "
-                  f"p99 {s['p99_ms']:.3f} all-densest {s['all_densest']:.3f}", flush=True)
-    report["calibration"] = f"at least {a.calibration} densest calls over at least {a.calibration_s:g} s, before serving"
+            print(
+                f"[qos]   {k:30s} met {s['met']:.4f} nines {_nines(s)} mean {s['mean_ms']:.3f} p50 {s['p50_ms']:.3f} "
+                f"p99 {s['p99_ms']:.3f} all-densest {s['all_densest']:.3f}",
+                flush=True,
+            )
+    report["calibration"] = (
+        f"at least {a.calibration} densest calls over at least {a.calibration_s:g} s, before serving"
+    )
     report["load_average_after"] = os.getloadavg()
     report["wall_s"] = time.time() - t_start
     _write(report, Path(a.out))
@@ -308,35 +335,55 @@ def _write(report, out: Path):
         "# QoS under a deadline: static densest vs static sparsest vs on-device rerouting",
         "",
         f"Hardware: {report['hardware']}; TVM threads {report['threads']}. Load average (1/5/15 min) before: "
-        f"{', '.join('%.2f' % v for v in report['load_average_before'])}, after: "
-        f"{', '.join('%.2f' % v for v in report['load_average_after'])} "
+        f"{', '.join(f'{v:.2f}' for v in report['load_average_before'])}, after: "
+        f"{', '.join(f'{v:.2f}' for v in report['load_average_after'])} "
         "(anything else running beside the bench's own competitor processes counts in).",
         "",
-        f"Fluctuating resources: {report['competitors']} competing CPU-bound process(es), each with its own random duty cycle (0, 1 or uniform, redrawn "
-        "every 0.3-1.5 s, 2 ms busy/sleep slices), started and stopped by the bench. Deadline D = p90 of the densest level's latency under "
-        f"that load ({report.get('calibration', '')}). Policies alternate request by request (shuffled); rerouting also runs without "
-        f"the rule's overhead reserve as a control. Latency: one VM call, inputs on the device. "
-        f"Levels: densities {report['densities']}; {report['stages']} stages. Total wall time {report['wall_s']:.0f} s.",
+        f"Fluctuating resources: {report['competitors']} competing CPU-bound process(es), each with its own "
+        "random duty cycle (0, 1 or uniform, redrawn every 0.3-1.5 s, 2 ms busy/sleep slices), started and "
+        "stopped by the bench. Deadline D = p90 of the densest level's latency under that load "
+        f"({report.get('calibration', '')}). Policies alternate request by request (shuffled); rerouting "
+        "also runs without the rule's overhead reserve as a control. Latency: one VM call, inputs on the device. "
+        f"Levels: densities {report['densities']}; {report['stages']} stages. "
+        f"Total wall time {report['wall_s']:.0f} s.",
         "",
     ]
     for name, w in report["workloads"].items():
-        lines += [f"## {name}", "", f"D = {w['deadline_ms']:.3f} ms. Estimated MACs per stage {w['stages']}.", "",
-                  "| policy | requests | met D | nines | mean ms | p50 ms | p99 ms | all stages densest | stage-level mix (L0..L3) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {name}",
+            "",
+            f"D = {w['deadline_ms']:.3f} ms. Estimated MACs per stage {w['stages']}.",
+            "",
+            "| policy | requests | met D | nines | mean ms | p50 ms | p99 ms | all stages densest "
+            "| stage-level mix (L0..L3) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for k, s in w["summary"].items():
-            mix = " / ".join("%.3f" % v for v in s["stage_level_mix"])
-            lines.append(f"| {k} | {s['requests']} | {s['met']:.4f} | {_nines(s)} | {s['mean_ms']:.3f} | {s['p50_ms']:.3f} | "
-                         f"{s['p99_ms']:.3f} | {s['all_densest']:.3f} | {mix} |")
-        lines += ["", "Latency table (us, stage x level): "
-                  + "; ".join("[" + ", ".join("%.0f" % v for v in row) + "]" for row in w["latency_table_us"])
-                  + (f"; per-call overhead beyond the table (reserved by the rule) {w['overhead_us']:.0f} us"
-                     if "overhead_us" in w else ""), ""]
+            mix = " / ".join(f"{v:.3f}" for v in s["stage_level_mix"])
+            lines.append(
+                f"| {k} | {s['requests']} | {s['met']:.4f} | {_nines(s)} | {s['mean_ms']:.3f} | {s['p50_ms']:.3f} | "
+                f"{s['p99_ms']:.3f} | {s['all_densest']:.3f} | {mix} |"
+            )
+        lines += [
+            "",
+            "Latency table (us, stage x level): "
+            + "; ".join("[" + ", ".join(f"{v:.0f}" for v in row) + "]" for row in w["latency_table_us"])
+            + (
+                f"; per-call overhead beyond the table (reserved by the rule) {w['overhead_us']:.0f} us"
+                if "overhead_us" in w
+                else ""
+            ),
+            "",
+        ]
         if "quiet_median_us" in w:
             q = w["quiet_median_us"]
-            lines += [f"Staged path's own cost, quiet machine before the load (median wall us): main at level 0 "
-                      f"{q['main']:.0f}, main_deadline that never switches {q['main_deadline']:.0f} "
-                      f"(+{q['main_deadline'] - q['main']:.0f}); table's level-0 sum "
-                      f"{sum(r[0] for r in w['latency_table_us']):.0f}.", ""]
+            lines += [
+                f"Staged path's own cost, quiet machine before the load (median wall us): main at level 0 "
+                f"{q['main']:.0f}, main_deadline that never switches {q['main_deadline']:.0f} "
+                f"(+{q['main_deadline'] - q['main']:.0f}); table's level-0 sum "
+                f"{sum(r[0] for r in w['latency_table_us']):.0f}.",
+                "",
+            ]
     lines += ["![CDF](qos.png)", ""]
     (out / "qos.md").write_text("\n".join(lines))
     try:

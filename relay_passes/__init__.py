@@ -11,7 +11,18 @@ from .specialize import SpecializeKernels
 from .stages import SplitStages, read_stage_plan
 
 __all__ = [
-    "AddDeadlineFunction", "ApplyTuningLog", "AttachMetadata", "FoldBatchNorm", "LevelGuard",
-    "LowerNestedLayers", "NestedLoweringWarning", "ReportUnscheduled", "ScheduleKernels",
-    "SpecializeKernels", "SplitStages", "collect_metadata", "read_nested_info", "read_stage_plan",
+    "AddDeadlineFunction",
+    "ApplyTuningLog",
+    "AttachMetadata",
+    "FoldBatchNorm",
+    "LevelGuard",
+    "LowerNestedLayers",
+    "NestedLoweringWarning",
+    "ReportUnscheduled",
+    "ScheduleKernels",
+    "SpecializeKernels",
+    "SplitStages",
+    "collect_metadata",
+    "read_nested_info",
+    "read_stage_plan",
 ]

@@ -61,19 +61,27 @@ import tvm
 from tvm import relax
 
 from ..contract import DEADLINE_FUNC, LEVEL, REROUTE_ATTR, dtype_of
-from ..schedules.reroute_rule import (CLOCK_FUNC, ELAPSED_FUNC, RULE_FUNC, TABLE_FUNC, check_table,
-                                      clock_ns, elapsed_us, reroute_rule)
+from ..schedules.reroute_rule import (
+    CLOCK_FUNC,
+    ELAPSED_FUNC,
+    RULE_FUNC,
+    TABLE_FUNC,
+    check_table,
+    clock_ns,
+    elapsed_us,
+    reroute_rule,
+)
 from .level_guard import guard_function, read_num_levels
 from .stages import read_stage_plan
 
 
-def _add_deadline_function(mod: tvm.IRModule, table, num_levels: int, adaptive: bool,
-                           overhead_us: float) -> tvm.IRModule:
+def _add_deadline_function(
+    mod: tvm.IRModule, table, num_levels: int, adaptive: bool, overhead_us: float
+) -> tvm.IRModule:
     """Add ``main_deadline`` (stages + on-device rule over ``table``) and ``nested_latency_table``."""
     plan = read_stage_plan(mod)
     if plan is None:
-        raise ValueError("the module has no stages: build it with stages=K "
-                         "(tvm_nested.build(mod, target, stages=4))")
+        raise ValueError("the module has no stages: build it with stages=K (tvm_nested.build(mod, target, stages=4))")
     K = int(plan["num_stages"])
     table = check_table(table, K, num_levels)
     main = mod["main"]
@@ -83,7 +91,7 @@ def _add_deadline_function(mod: tvm.IRModule, table, num_levels: int, adaptive: 
     rule_gv = bb.add_func(reroute_rule(K, num_levels, ldt, adaptive, overhead_us), RULE_FUNC)
     clock_gv = bb.add_func(clock_ns(ldt), CLOCK_FUNC)
     elapsed_gv = bb.add_func(elapsed_us(), ELAPSED_FUNC)
-    for gv, name in ((rule_gv, RULE_FUNC), (clock_gv, CLOCK_FUNC), (elapsed_gv, ELAPSED_FUNC)):
+    for gv in (rule_gv, clock_gv, elapsed_gv):
         bb.update_func(gv, bb.get()[gv].with_attr("global_symbol", gv.name_hint))
     table_const = relax.const(table, "float64")
     stage_gvs = [bb.get().get_global_var(n) for n in plan["functions"]]
@@ -105,10 +113,18 @@ def _add_deadline_function(mod: tvm.IRModule, table, num_levels: int, adaptive: 
             for i, n in enumerate(plan["outputs"][s]):
                 env[n] = bb.emit(relax.TupleGetItem(out, i), name_hint=n)
             stage_idx = relax.prim_value(tvm.tirx.IntImm("int32", s + 1))
-            el = bb.emit(relax.call_tir(elapsed_gv, [t0, stage_idx], out_ty=relax.TensorType((), "float64")),
-                         name_hint=f"elapsed{s + 1}")
-            dec = bb.emit(relax.call_tir(rule_gv, [el, deadline, cur, spent, table_const, stage_idx],
-                                         out_ty=[scalar, relax.TensorType((), "float64")]), name_hint=f"decision{s + 1}")
+            el = bb.emit(
+                relax.call_tir(elapsed_gv, [t0, stage_idx], out_ty=relax.TensorType((), "float64")),
+                name_hint=f"elapsed{s + 1}",
+            )
+            dec = bb.emit(
+                relax.call_tir(
+                    rule_gv,
+                    [el, deadline, cur, spent, table_const, stage_idx],
+                    out_ty=[scalar, relax.TensorType((), "float64")],
+                ),
+                name_hint=f"decision{s + 1}",
+            )
             cur = bb.emit(relax.TupleGetItem(dec, 0), name_hint=f"level{s + 1}")
             spent = bb.emit(relax.TupleGetItem(dec, 1), name_hint=f"spent{s + 1}")
             levels.append(cur)
@@ -124,12 +140,15 @@ def _add_deadline_function(mod: tvm.IRModule, table, num_levels: int, adaptive: 
         bb.emit_func_output(table_const)
     out = bb.get()
     out[gv_dl] = guard_function(out[gv_dl], num_levels)
-    rule = {"latency_table_us": table.tolist(), "reroute_rule": "adaptive" if adaptive else "table",
-            "reroute_overhead_us": float(overhead_us)}
+    rule = {
+        "latency_table_us": table.tolist(),
+        "reroute_rule": "adaptive" if adaptive else "table",
+        "reroute_overhead_us": float(overhead_us),
+    }
     return relax.transform.Normalize()(out).with_attr(REROUTE_ATTR, json.dumps(rule))
 
 
-def AddDeadlineFunction(table, *, adaptive: bool = True, overhead_us: float = 0.0) -> tvm.transform.Pass:  # noqa: N802
+def AddDeadlineFunction(table, *, adaptive: bool = True, overhead_us: float = 0.0) -> tvm.transform.Pass:
     """Add ``main_deadline`` over the stage functions and the rule with ``table`` compiled in.
 
     Run after ``SplitStages`` (it reads the stage plan) and ``LowerNestedLayers`` (the number of

@@ -25,7 +25,6 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
 from ..contract import Constant, const_numpy, dtype_of
-
 from .match import binding_value, constant_of, is_call
 
 _x, _w, _b = wildcard(), wildcard(), wildcard()
@@ -83,7 +82,7 @@ def _fold(call: relax.Expr, m: dict, var2val) -> relax.Expr:
     bias = np.zeros(O)
     if _b in m:
         b = constant_of(m[_b], var2val)
-        if b is None or b.size != O or (b.ndim > 1 and b.shape != (1, O, 1, 1)[4 - b.ndim:]):
+        if b is None or b.size != O or (b.ndim > 1 and b.shape != (1, O, 1, 1)[4 - b.ndim :]):
             return call
         bias = b.reshape(-1).astype(np.float64)
 
@@ -95,7 +94,7 @@ def _fold(call: relax.Expr, m: dict, var2val) -> relax.Expr:
     return relax.op.add(new_conv, relax.const(new_bias))
 
 
-def FoldBatchNorm() -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+def FoldBatchNorm() -> tvm.transform.Pass:
     """Fold inference BatchNorm into the conv2d before it (dense or nested); see the module docstring.
 
     Run after ``FoldConstant``, before ``LowerNestedLayers``.
@@ -109,7 +108,7 @@ def FoldBatchNorm() -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
             if not isinstance(func, relax.Function):
                 continue
             var2val = relax.analysis.get_var2val(func)
-            new = rewrite_call(PATTERN, lambda call, m: _fold(call, m, var2val), func)
+            new = rewrite_call(PATTERN, lambda call, m, var2val=var2val: _fold(call, m, var2val), func)
             if not new.same_as(func):
                 updates[gv] = new
                 changed = True

@@ -37,22 +37,26 @@ def guard_function(func: relax.Function, num_levels: int) -> relax.Function:
     lo = relax.op.greater_equal(level, relax.const(0, dtype))
     hi = relax.op.less(level, relax.const(num_levels, dtype))
     ok = relax.Var("level_in_range", relax.TensorType((), "bool"))
-    check = relax.op.assert_op(ok, [level], format=f"level {{}} is out of range: this model has levels 0..{num_levels - 1}")
+    check = relax.op.assert_op(
+        ok, [level], format=f"level {{}} is out of range: this model has levels 0..{num_levels - 1}"
+    )
     checked = relax.Var("level_checked", relax.TupleType([]))
     lo_v = relax.Var("level_ge_0", relax.TensorType((), "bool"))
     hi_v = relax.Var("level_lt_L", relax.TensorType((), "bool"))
-    guard = relax.BindingBlock([
-        relax.VarBinding(lo_v, lo),
-        relax.VarBinding(hi_v, hi),
-        relax.VarBinding(ok, relax.op.logical_and(lo_v, hi_v)),
-        relax.VarBinding(checked, check),
-    ])
+    guard = relax.BindingBlock(
+        [
+            relax.VarBinding(lo_v, lo),
+            relax.VarBinding(hi_v, hi),
+            relax.VarBinding(ok, relax.op.logical_and(lo_v, hi_v)),
+            relax.VarBinding(checked, check),
+        ]
+    )
     body = func.body
     new_body = relax.SeqExpr([guard, *body.blocks], body.body)
     return relax.Function(func.params, new_body, func.ret_ty, func.is_pure, func.attrs, func.span)
 
 
-def LevelGuard(num_levels: int | None = None) -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+def LevelGuard(num_levels: int | None = None) -> tvm.transform.Pass:
     """Guard ``main``'s level (see the module docstring); ``num_levels`` overrides the attr."""
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_nested.LevelGuard")

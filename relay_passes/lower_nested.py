@@ -57,8 +57,9 @@ def _kernel(layer: NestedLayer, fmt):
     has_bias = layer.bias is not None
     if layer.op == "conv2d":
         c = layer.conv
-        return nested_conv2d(fmt, c["x_shape"], c["kernel_size"], c["strides"], c["padding"],
-                             c["dilation"], c["groups"], has_bias)
+        return nested_conv2d(
+            fmt, c["x_shape"], c["kernel_size"], c["strides"], c["padding"], c["dilation"], c["groups"], has_bias
+        )
     return nested_linear(fmt, _batch(layer), has_bias)
 
 
@@ -128,7 +129,8 @@ class _Lowerer(PyExprMutator):
         batch = _batch(layer)  # rank > 2 input: (..., cols) -> (batch, cols) -> kernel -> (..., rows)
         args[0] = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr((batch, layer.cols))))
         out2d = self.builder_.emit(
-            relax.call_tir(plan.gv, args, out_ty=relax.TensorType((batch, layer.rows), "float32")))
+            relax.call_tir(plan.gv, args, out_ty=relax.TensorType((batch, layer.rows), "float32"))
+        )
         return relax.op.reshape(out2d, relax.ShapeExpr(layer.out_shape))
 
 
@@ -174,7 +176,7 @@ def _lower_module(mod: tvm.IRModule) -> tvm.IRModule:
     return out.with_attr(INFO_ATTR, json.dumps(info))
 
 
-def LowerNestedLayers() -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+def LowerNestedLayers() -> tvm.transform.Pass:
     """Lower every nested layer to a packed sparse kernel taking the level at run time.
 
     Run after ``FoldConstant`` and ``FoldBatchNorm``. See the module docstring for the contract.

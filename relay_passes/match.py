@@ -39,9 +39,7 @@ _mask = is_op("relax.astype")(_cmp) | is_op("relax.astype")(is_op("relax.astype"
 _w = wildcard()
 _zero = wildcard()
 _masked_w = (
-    is_op("relax.multiply")(_w, _mask)
-    | is_op("relax.multiply")(_mask, _w)
-    | is_op("relax.where")(_cmp, _w, _zero)
+    is_op("relax.multiply")(_w, _mask) | is_op("relax.multiply")(_mask, _w) | is_op("relax.where")(_cmp, _w, _zero)
 )
 _x = wildcard()
 CONV2D = is_op("relax.nn.conv2d")(_x, _masked_w)
@@ -154,7 +152,7 @@ def match_layer(value, label: str, params, var2val, val2var):
     """Recognise one bound value: a NestedLayer, or None; raises Unsupported / ValueError."""
     if not (is_call(value, "relax.nn.conv2d") or is_call(value, "relax.matmul")):
         return None
-    for kind, pattern in _LAYER_PATTERNS:
+    for kind, pattern in _LAYER_PATTERNS:  # noqa: B007 (the matched kind is used below)
         m = pattern.extract_matched_expr(value, var2val)
         if m is not None:
             break
@@ -172,8 +170,10 @@ def match_layer(value, label: str, params, var2val, val2var):
     where = f"nested {op} {label}"
     w_expr = binding_value(m[_w], var2val)
     if not isinstance(w_expr, Constant):
-        raise ValueError(f"{where}: the weight is not a constant; bind the parameters first "
-                         f"(e.g. from_exported_program without keep_params_as_input, or BindParams)")
+        raise ValueError(
+            f"{where}: the weight is not a constant; bind the parameters first "
+            f"(e.g. from_exported_program without keep_params_as_input, or BindParams)"
+        )
     lm_expr = _strip_casts(m[_lm], var2val)
     if not isinstance(lm_expr, Constant):
         raise ValueError(f"{where}: the level map is not a constant")
@@ -207,9 +207,12 @@ def match_layer(value, label: str, params, var2val, val2var):
         layer.weight2d = W.reshape(W.shape[0], -1).astype(np.float32)
         layer.level_map2d = LM.reshape(LM.shape[0], -1)
         layer.conv = dict(
-            x_shape=x_shape, kernel_size=(int(W.shape[2]), int(W.shape[3])),
-            strides=tuple(int(s) for s in a.strides), padding=tuple(int(p) for p in a.padding),
-            dilation=tuple(int(d) for d in a.dilation), groups=int(a.groups),
+            x_shape=x_shape,
+            kernel_size=(int(W.shape[2]), int(W.shape[3])),
+            strides=tuple(int(s) for s in a.strides),
+            padding=tuple(int(p) for p in a.padding),
+            dilation=tuple(int(d) for d in a.dilation),
+            groups=int(a.groups),
         )
     else:
         if W.ndim != 2 or len(x_shape) < 2:
@@ -223,7 +226,9 @@ def match_layer(value, label: str, params, var2val, val2var):
         else:  # matmul(x, W_eff) with W [cols, rows]: pack the transpose
             W2, LM2 = W.T, LM.T
         if x_shape[-1] != W2.shape[1]:
-            raise Unsupported(f"{where}: input shape {x_shape} does not contract with weight {W2.shape}; left dense", top)
+            raise Unsupported(
+                f"{where}: input shape {x_shape} does not contract with weight {W2.shape}; left dense", top
+            )
         layer.weight2d = np.ascontiguousarray(W2, dtype=np.float32)
         layer.level_map2d = np.ascontiguousarray(LM2)
     return layer
@@ -260,7 +265,7 @@ def _per_channel_bias(add_value, layer_var, layer: NestedLayer, var2val) -> np.n
     want[channel_axis] = layer.rows
     # b (as added, after any reshape) broadcasts along the channel axis only: right-aligned, its
     # shape is a suffix of `want`
-    if len(shape) > len(want) or list(shape) != want[len(want) - len(shape):]:
+    if len(shape) > len(want) or list(shape) != want[len(want) - len(shape) :]:
         return None
     return arr.reshape(-1).astype(np.float32)
 

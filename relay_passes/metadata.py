@@ -15,8 +15,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..contract import (FORMAT_VERSION, INFO_ATTR, INFO_FUNC, INFO_VERSION, REROUTE_ATTR,
-                        STAGES_ATTR, dtype_of)
+from ..contract import FORMAT_VERSION, INFO_ATTR, INFO_FUNC, INFO_VERSION, REROUTE_ATTR, STAGES_ATTR, dtype_of
 from ..target import canonical
 
 
@@ -44,8 +43,7 @@ def collect_metadata(mod: tvm.IRModule, target) -> dict:
     layers = nested["layers"]
     num_levels = int(nested["num_levels"])
     dense = sum(layer["dense_bytes"] // 4 for layer in layers)
-    densities = [sum(layer["nnz"][lvl] for layer in layers) / dense if dense else 1.0
-                 for lvl in range(num_levels)]
+    densities = [sum(layer["nnz"][lvl] for layer in layers) / dense if dense else 1.0 for lvl in range(num_levels)]
     info = {
         "info_version": INFO_VERSION,
         "format_version": FORMAT_VERSION,
@@ -63,7 +61,7 @@ def collect_metadata(mod: tvm.IRModule, target) -> dict:
     return info
 
 
-def AttachMetadata(target) -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+def AttachMetadata(target) -> tvm.transform.Pass:
     """Add ``nested_info()`` returning ``collect_metadata(mod, target)`` (see the module docstring)."""
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_nested.AttachMetadata")

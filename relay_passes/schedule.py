@@ -39,7 +39,7 @@ def _unscheduled_prim_funcs(mod: tvm.IRModule):
             yield gv, func
 
 
-def ApplyTuningLog(target, log) -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+def ApplyTuningLog(target, log) -> tvm.transform.Pass:
     """Schedule the functions the tuning log ``log`` has records for (see the module docstring)."""
     target = as_target(target)
 
@@ -57,12 +57,13 @@ def _dense_rule(target):
         return lambda func: schedule_dense_func(func, target)
     from tvm.s_tir import dlight as dl  # the GPU rules (imported for GPU targets only)
 
-    rules = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    rules = dl.ApplyDefaultSchedule(
+        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+    )
     return rules
 
 
-def ScheduleKernels(target) -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+def ScheduleKernels(target) -> tvm.transform.Pass:
     """The target's rules for every function not scheduled yet (see the module docstring)."""
     target = as_target(target)
 
@@ -91,7 +92,7 @@ def ScheduleKernels(target) -> tvm.transform.Pass:  # noqa: N802 (TVM pass namin
     return _pass
 
 
-def ReportUnscheduled(target) -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+def ReportUnscheduled(target) -> tvm.transform.Pass:
     """Warn (CPU) or raise (GPU) naming the functions no rule scheduled; the module is unchanged.
 
     Functions without blocks (hand-written loops: the rerouting clock and rule) need no schedule.
@@ -104,8 +105,10 @@ def ReportUnscheduled(target) -> tvm.transform.Pass:  # noqa: N802 (TVM pass nam
         if not left:
             return mod
         nested = [name for name in left if is_nested_kernel(mod[name])]
-        msg = (f"no {target.kind.name} schedule for {len(left)} function(s) ({len(nested)} nested "
-               f"kernels): {', '.join(left[:12])}{' ...' if len(left) > 12 else ''}")
+        msg = (
+            f"no {target.kind.name} schedule for {len(left)} function(s) ({len(nested)} nested "
+            f"kernels): {', '.join(left[:12])}{' ...' if len(left) > 12 else ''}"
+        )
         if target.kind.name != "llvm":
             raise RuntimeError(msg)
         warnings.warn(msg + " (they run as plain loops)", stacklevel=2)

@@ -19,7 +19,7 @@ from ..contract import INFO_ATTR, as_target
 from ..schedules.choice import load_choices, specialize_module
 
 
-def SpecializeKernels(target, tuning_log=None) -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+def SpecializeKernels(target, tuning_log=None) -> tvm.transform.Pass:
     """Specialise the nested kernels for ``target`` (see the module docstring)."""
     target = as_target(target)
 

@@ -29,6 +29,7 @@ The plan is recorded as the module attr ``nested.stages`` (JSON): ``num_stages``
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -38,8 +39,6 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..contract import LEVEL, STAGE_PREFIX, STAGES_ATTR
-
-
 
 
 def read_stage_plan(mod: tvm.IRModule) -> dict | None:
@@ -122,7 +121,7 @@ def _nested_macs(mod, value, out_ty) -> int | None:
 
 
 class _Binding:
-    __slots__ = ("index", "var", "value", "uses", "recompute", "macs", "nested")
+    __slots__ = ("index", "macs", "nested", "recompute", "uses", "value", "var")
 
     def __init__(self, index, var, value):
         self.index, self.var, self.value = index, var, value
@@ -135,7 +134,9 @@ class _Binding:
 def _analyse(mod: tvm.IRModule, func: relax.Function):
     level = next((p for p in func.params if p.name == LEVEL), None)
     if level is None:
-        raise ValueError("SplitStages: main has no 'level' parameter (run it on a module from tvm_nested.from_onnx/from_torch)")
+        raise ValueError(
+            "SplitStages: main has no 'level' parameter (run it on a module from tvm_nested.from_onnx/from_torch)"
+        )
     body = func.body
     if not isinstance(body, relax.SeqExpr):
         raise ValueError("SplitStages: main's body is not a sequence of bindings")
@@ -211,23 +212,31 @@ def _choose_cuts(work, live, num_stages, cuts) -> list[int]:
         for c in cuts:
             if isinstance(c, str):
                 if c not in names:
-                    raise ValueError(f"SplitStages: no binding named {c!r} in main (known: {', '.join(list(names)[:12])}, ...)")
+                    raise ValueError(
+                        f"SplitStages: no binding named {c!r} in main (known: {', '.join(list(names)[:12])}, ...)"
+                    )
                 out.append(names[c])
             elif isinstance(c, (int, np.integer)) and not isinstance(c, bool):
                 if int(c) not in nested:
-                    raise ValueError(f"SplitStages: cut after nested layer {c}: main has nested layers 0..{len(nested) - 1}")
+                    raise ValueError(
+                        f"SplitStages: cut after nested layer {c}: main has nested layers 0..{len(nested) - 1}"
+                    )
                 out.append(slide(nested[int(c)]))
             else:
-                raise ValueError(f"SplitStages: a cut is a nested-layer index (int) or a variable name (str), got {c!r}")
-        if any(b <= a for a, b in zip(out, out[1:])) or (out and out[-1] >= n - 1):
-            raise ValueError(f"SplitStages: cuts {list(cuts)} must be in increasing order and leave every stage non-empty")
+                raise ValueError(
+                    f"SplitStages: a cut is a nested-layer index (int) or a variable name (str), got {c!r}"
+                )
+        if any(b <= a for a, b in itertools.pairwise(out)) or (out and out[-1] >= n - 1):
+            raise ValueError(
+                f"SplitStages: cuts {list(cuts)} must be in increasing order and leave every stage non-empty"
+            )
         return out
 
     if not isinstance(num_stages, (int, np.integer)) or isinstance(num_stages, bool) or num_stages < 1:
         raise ValueError(f"SplitStages: num_stages must be a positive integer, got {num_stages!r}")
     # cut only after a costly binding (never after the last one): no stage is cheap glue alone
     macs = np.array([max(b.macs, 0) for b in work], dtype=np.float64)
-    candidates = [j for j in range(n - 1) if macs[j] > 0 and macs[j + 1:].sum() > 0]
+    candidates = [j for j in range(n - 1) if macs[j] > 0 and macs[j + 1 :].sum() > 0]
     if not candidates:  # nothing is weighed: cut by binding count
         candidates, macs = list(range(n - 1)), np.ones(n)
     cum = np.cumsum(macs)
@@ -277,7 +286,7 @@ def _emit_stage(bb, name, level, inputs, bindings, result, mod):
 
 def _split(mod: tvm.IRModule, num_stages, cuts) -> tvm.IRModule:
     func = mod["main"]
-    level, bindings, work, needed = _analyse(mod, func)
+    level, bindings, work, _needed = _analyse(mod, func)
     params = set(func.params)
     result_uses = set(_used_vars(func.body.body))
     live = _live_bytes(work, params, result_uses)
@@ -300,7 +309,11 @@ def _split(mod: tvm.IRModule, num_stages, cuts) -> tvm.IRModule:
                 if (v in params and not v.same_as(level)) or stage_of.get(v, s) < s:
                     ext.append(v)
         if s == k - 1:
-            ext += [v for v in _used_vars(func.body.body) if (v in params and not v.same_as(level)) or stage_of.get(v, s) < s]
+            ext += [
+                v
+                for v in _used_vars(func.body.body)
+                if (v in params and not v.same_as(level)) or stage_of.get(v, s) < s
+            ]
         reads.append(list(dict.fromkeys(ext)))
     writes = [[] for _ in range(k)]
     for s in range(k):
@@ -342,7 +355,7 @@ def _split(mod: tvm.IRModule, num_stages, cuts) -> tvm.IRModule:
     return out.with_attr(STAGES_ATTR, json.dumps(plan))
 
 
-def SplitStages(num_stages: int | None = 4, cuts=None) -> tvm.transform.Pass:  # noqa: N802 (TVM pass naming)
+def SplitStages(num_stages: int | None = 4, cuts=None) -> tvm.transform.Pass:
     """Add stage functions ``nested_stage_i(*activations, level)`` computing main in K stages.
 
     Run after ``LowerNestedLayers`` and ``LevelGuard``. ``num_stages``: balanced cuts (fewer when

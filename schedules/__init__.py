@@ -19,9 +19,22 @@ from .kernels import ATTR_NUM_LEVELS, ATTR_OP, conv2d_output_shape, nested_conv2
 from .reference import effective_weight, nested_conv2d_ref, nested_linear_ref
 
 __all__ = [
-    "FORMAT_VERSION", "NestedCSR", "csr_nbytes",
-    "nested_linear", "nested_conv2d", "conv2d_output_shape", "ATTR_OP", "ATTR_NUM_LEVELS",
-    "nested_linear_ref", "nested_conv2d_ref", "effective_weight",
-    "schedule_cpu", "CPUKnobs", "CPU_KNOBS", "apply_knobs", "default_knobs", "target_family",
+    "ATTR_NUM_LEVELS",
+    "ATTR_OP",
+    "CPU_KNOBS",
+    "FORMAT_VERSION",
+    "CPUKnobs",
+    "NestedCSR",
+    "apply_knobs",
+    "conv2d_output_shape",
+    "csr_nbytes",
+    "default_knobs",
+    "effective_weight",
     "is_nested_kernel",
+    "nested_conv2d",
+    "nested_conv2d_ref",
+    "nested_linear",
+    "nested_linear_ref",
+    "schedule_cpu",
+    "target_family",
 ]

@@ -44,8 +44,9 @@ def choose(sparse_s, dense_s, margin: float = 0.9) -> np.ndarray:
     sparse_s = np.asarray(sparse_s, np.float64)
     dense_s = np.asarray(dense_s, np.float64)
     if sparse_s.shape != dense_s.shape or sparse_s.ndim != 1:
-        raise ValueError(f"per-level timings must be two 1-D arrays of one length, got "
-                         f"{sparse_s.shape} and {dense_s.shape}")
+        raise ValueError(
+            f"per-level timings must be two 1-D arrays of one length, got {sparse_s.shape} and {dense_s.shape}"
+        )
     if not 0 < margin <= 1:
         raise ValueError(f"margin must be in (0, 1], got {margin}")
     return (dense_s < margin * sparse_s).astype(np.int8)
@@ -54,8 +55,12 @@ def choose(sparse_s, dense_s, margin: float = 0.9) -> np.ndarray:
 def has_dense_path(func) -> bool:
     """Kernels that can take a dense path: nested conv kernels in the flat layout."""
     attrs = getattr(func, "attrs", None)
-    return (isinstance(func, tvm.tirx.PrimFunc) and attrs is not None
-            and str(attrs.get(ATTR_OP, "")) == "conv2d" and str(attrs.get(ATTR_LAYOUT, "")) == "flat")
+    return (
+        isinstance(func, tvm.tirx.PrimFunc)
+        and attrs is not None
+        and str(attrs.get(ATTR_OP, "")) == "conv2d"
+        and str(attrs.get(ATTR_LAYOUT, "")) == "flat"
+    )
 
 
 def kernel_key(func, level_len) -> str:
@@ -127,12 +132,10 @@ def _time_kernel(func, target, args, levels, number, repeat) -> list[float]:
             tensors.append(None)
         else:
             shape = [int(d) for d in p.ty.shape]
-            tensors.append(tvm.runtime.tensor(
-                np.random.default_rng(0).standard_normal(shape).astype("float32"), dev))
+            tensors.append(tvm.runtime.tensor(np.random.default_rng(0).standard_normal(shape).astype("float32"), dev))
     shape = [int(d) for d in func.params[-1].ty.shape]
     tensors.append(tvm.runtime.tensor(np.zeros(shape, "float32"), dev))
-    f = ex.mod.time_evaluator("main", dev, number=number,
-                              repeat=repeat, min_repeat_ms=10)
+    f = ex.mod.time_evaluator("main", dev, number=number, repeat=repeat, min_repeat_ms=10)
     out = []
     for lvl in levels:
         call = [tvm.runtime.tensor(np.array(lvl, "int32"), dev) if t is None else t for t in tensors]
@@ -140,8 +143,9 @@ def _time_kernel(func, target, args, levels, number, repeat) -> list[float]:
     return out
 
 
-def measure_choices(mod, target, levels=None, *, number: int = 3, repeat: int = 3,
-                    margin: float = 0.9, progress=None) -> dict[str, dict]:
+def measure_choices(
+    mod, target, levels=None, *, number: int = 3, repeat: int = 3, margin: float = 0.9, progress=None
+) -> dict[str, dict]:
     """Time every kernel of ``mod`` with a dense path, all-sparse and all-dense, at every level.
 
     Returns ``{key: {"name", "table", "sparse_s", "dense_s"}}`` (``table`` from ``choose``).
@@ -160,12 +164,15 @@ def measure_choices(mod, target, levels=None, *, number: int = 3, repeat: int = 
         for lvl, s, d in zip(lv, sparse_s, dense_s):
             full_s[lvl], full_d[lvl] = s, d
         table = choose(full_s, [d if np.isfinite(d) else np.inf for d in full_d], margin)
-        out[key] = {"name": name, "table": table.tolist(), "sparse_s": sparse_s, "dense_s": dense_s,
-                    "levels": lv}
+        out[key] = {"name": name, "table": table.tolist(), "sparse_s": sparse_s, "dense_s": dense_s, "levels": lv}
         if progress:
-            progress(f"[tvm-nested choice] {name}: sparse "
-                     + "/".join(f"{s * 1e3:.3f}" for s in sparse_s) + " ms, dense "
-                     + "/".join(f"{d * 1e3:.3f}" for d in dense_s) + f" ms -> {table.tolist()}")
+            progress(
+                f"[tvm-nested choice] {name}: sparse "
+                + "/".join(f"{s * 1e3:.3f}" for s in sparse_s)
+                + " ms, dense "
+                + "/".join(f"{d * 1e3:.3f}" for d in dense_s)
+                + f" ms -> {table.tolist()}"
+            )
     return out
 
 
@@ -220,5 +227,15 @@ def specialize_module(mod, target, tables: dict | None = None):
     return apply_choices(mod, tables)
 
 
-__all__ = ["CHOICE_FILE", "choose", "kernel_key", "has_dense_path", "kernels_with_keys",
-           "apply_choices", "measure_choices", "save_choices", "load_choices", "specialize_module"]
+__all__ = [
+    "CHOICE_FILE",
+    "apply_choices",
+    "choose",
+    "has_dense_path",
+    "kernel_key",
+    "kernels_with_keys",
+    "load_choices",
+    "measure_choices",
+    "save_choices",
+    "specialize_module",
+]

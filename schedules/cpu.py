@@ -24,8 +24,16 @@ import tvm
 from tvm.target.codegen import llvm_cpu_has_features
 
 from ..contract import IS_SCHEDULED, Schedule, as_target, fresh_copy
-from .kernels import (ATTR_CONV, ATTR_KERNEL, ATTR_LANES, ATTR_LAYOUT, ATTR_OP, KERNEL_VERSION,
-                      specialize_conv, with_lanes)
+from .kernels import (
+    ATTR_CONV,
+    ATTR_KERNEL,
+    ATTR_LANES,
+    ATTR_LAYOUT,
+    ATTR_OP,
+    KERNEL_VERSION,
+    specialize_conv,
+    with_lanes,
+)
 
 
 @dataclass(frozen=True)
@@ -67,8 +75,6 @@ _FAMILY_FEATURE: tuple[tuple[str, str], ...] = (
 )
 
 
-
-
 def target_family(target) -> str:
     """The key of ``CPU_KNOBS`` for an llvm target."""
     target = as_target(target)
@@ -85,8 +91,12 @@ def default_knobs(target) -> CPUKnobs:
 
 def is_nested_kernel(func) -> bool:
     attrs = getattr(func, "attrs", None)
-    return (isinstance(func, tvm.tirx.PrimFunc) and attrs is not None and ATTR_OP in attrs
-            and str(attrs.get(ATTR_KERNEL, "")).endswith(f"/v{KERNEL_VERSION}"))
+    return (
+        isinstance(func, tvm.tirx.PrimFunc)
+        and attrs is not None
+        and ATTR_OP in attrs
+        and str(attrs.get(ATTR_KERNEL, "")).endswith(f"/v{KERNEL_VERSION}")
+    )
 
 
 def vector_extent(extent: int, knobs: CPUKnobs) -> int:
@@ -135,14 +145,14 @@ def _dense_depth(sch: Schedule, update) -> int:
 def _tail(sch: Schedule):
     try:
         return sch.get_sblock("tail")
-    except Exception:  # noqa: BLE001 - tvm raises a ScheduleError subclass; no tail block
+    except Exception:
         return None
 
 
 def _has_block(sch: Schedule, name: str):
     try:
         return sch.get_sblock(name)
-    except Exception:  # noqa: BLE001 - tvm raises a ScheduleError subclass
+    except Exception:
         return None
 
 
@@ -224,13 +234,11 @@ def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
         _vectorize_dense(sch, update, knobs, depth=2)  # GEMV with lanes: the lanes are the vector
     else:
         _vectorize_dense(sch, update, knobs)
-    for block in reductions[1:] + [sch.get_sblock("store")]:
+    for block in [*reductions[1:], sch.get_sblock("store")]:
         _vectorize_dense(sch, block, knobs)
     # then the accumulators' inits leave the data-dependent loops (their loops keep their kinds)
     for red, j_loop in zip(reductions, j_loops):
         sch.decompose_reduction(red, j_loop)
-
-
 
 
 def specialize_cpu(func, target, knobs: CPUKnobs | None = None):
@@ -248,8 +256,7 @@ def specialize_cpu(func, target, knobs: CPUKnobs | None = None):
         lanes = linear_lanes(int(func.params[0].ty.shape[0]), knobs)
         if lanes > 1:
             return with_lanes(func, lanes)  # a new function: the input stays intact
-    if (op == "conv2d" and str(func.attrs.get(ATTR_LAYOUT, "rows")) == "rows"
-            and ATTR_CONV in func.attrs):
+    if op == "conv2d" and str(func.attrs.get(ATTR_LAYOUT, "rows")) == "rows" and ATTR_CONV in func.attrs:
         return specialize_conv(func, "flat")
     return func
 
@@ -266,5 +273,14 @@ def schedule_cpu(func, target, knobs: CPUKnobs | None = None):
     return sch.mod["main"].with_attr(IS_SCHEDULED, True)
 
 
-__all__ = ["CPUKnobs", "CPU_KNOBS", "target_family", "default_knobs", "is_nested_kernel",
-           "apply_knobs", "schedule_cpu", "specialize_cpu", "linear_lanes"]
+__all__ = [
+    "CPU_KNOBS",
+    "CPUKnobs",
+    "apply_knobs",
+    "default_knobs",
+    "is_nested_kernel",
+    "linear_lanes",
+    "schedule_cpu",
+    "specialize_cpu",
+    "target_family",
+]

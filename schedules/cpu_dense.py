@@ -13,8 +13,8 @@ yet one simple schedule, block by block (root children only):
   decomposed out of the reduction.
 
 A block the rule cannot schedule (non-constant extents, opaque structure) keeps its loops; the
-functions left wholly unscheduled are reported (``relay_passes.ReportUnscheduled``). Tuning (``tvm_nested.tune``) replaces
-these defaults where it has records.
+functions left wholly unscheduled are reported (``relay_passes.ReportUnscheduled``). Tuning
+(``tvm_nested.tune``) replaces these defaults where it has records.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ class DenseKnobs:
 
     max_vector: int = 16
     min_parallel: int = 2
-
-
 
 
 def _vector(extent: int, max_vector: int) -> int:
@@ -94,7 +92,7 @@ def _schedule_block(sch: Schedule, block, knobs: DenseKnobs) -> None:
     outer_sp = spatial[:-1]
     if vec > 1 and vec < last_ext:
         lo, vi = sch.split(last, [None, vec])
-        outer_sp = outer_sp + [lo]
+        outer_sp = [*outer_sp, lo]
     elif vec == last_ext and vec > 1:
         vi = last
     else:
@@ -124,7 +122,7 @@ def schedule_dense_func(func, target, knobs: DenseKnobs | None = None):
     try:
         sch = Schedule(fresh_copy(func))
         root = sch.get_sblock("root")
-    except Exception:  # noqa: BLE001 - no root block: not a TensorIR function this rule handles
+    except Exception:
         return None
     done = 0
     for block in sch.get_child_blocks(root):
@@ -132,7 +130,7 @@ def schedule_dense_func(func, target, knobs: DenseKnobs | None = None):
         trial = sch.copy()
         try:
             _schedule_block(trial, trial.get_sblock(name), knobs)
-        except Exception:  # noqa: BLE001 - tvm ScheduleError: leave this block's loops as they are
+        except Exception:
             continue
         sch = trial
         done += 1
@@ -145,7 +143,7 @@ def has_blocks(func) -> bool:
     """Whether ``func`` is TensorIR with blocks (hand-written plain loops are not)."""
     try:
         Schedule(func).get_sblock("root")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
     return True
 

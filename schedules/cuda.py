@@ -33,10 +33,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-
-from ..contract import Schedule
-
-from ..contract import IS_SCHEDULED, as_target, fresh_copy
+from ..contract import IS_SCHEDULED, Schedule, as_target, fresh_copy
 from .cpu import is_nested_kernel
 from .kernels import ATTR_OP
 
@@ -75,8 +72,6 @@ CUDA_KNOBS: dict[str, CUDAKnobs] = {
 }
 
 
-
-
 def target_family(target) -> str:
     """The key of ``CUDA_KNOBS`` for a cuda target: the generation of its ``arch`` (``sm_XY``)."""
     target = as_target(target)
@@ -99,8 +94,7 @@ def target_limits(target) -> tuple[int, int, int]:
     target = as_target(target)
     attrs = target.attrs
     threads = int(attrs.get("max_threads_per_block", attrs.get("max_num_threads", 1024)))
-    shared = min(int(attrs.get("max_shared_memory_per_block", _STATIC_SHARED_LIMIT)),
-                 _STATIC_SHARED_LIMIT)
+    shared = min(int(attrs.get("max_shared_memory_per_block", _STATIC_SHARED_LIMIT)), _STATIC_SHARED_LIMIT)
     warp = int(attrs.get("thread_warp_size", 32))
     return threads, shared, warp
 
@@ -144,8 +138,7 @@ def launch_shape(func, target, knobs: CUDAKnobs | None = None) -> LaunchShape:
         _, o, _, ow = _shape(func, "out")
         tx = int(func.attrs.get("nested.tile_rows", 1)) * ow
         if tx > max_threads:
-            raise ValueError(f"conv tile of {tx} output positions exceeds the target's "
-                             f"{max_threads} threads per block")
+            raise ValueError(f"conv tile of {tx} output positions exceeds the target's {max_threads} threads per block")
         ty = _largest_divisor(o, max(1, min(knobs.threads_per_block, max_threads) // tx))
         return LaunchShape(op, tx, ty)
     raise ValueError(f"no CUDA schedule for nested op {op!r}")
@@ -269,8 +262,7 @@ def _candidates(func, target, knobs: CUDAKnobs) -> tuple[list[int], list[int]]:
         ys = [y for y in (1, 2, 4, 8, 16) if y <= rows and y * max(xs) <= max_threads]
         return ys or [1], xs
     o = _shape(func, "out")[1]
-    ys = [d for d in range(1, o + 1)
-          if o % d == 0 and d * shape.threads_x <= min(max_threads, 1024)][-6:]
+    ys = [d for d in range(1, o + 1) if o % d == 0 and d * shape.threads_x <= min(max_threads, 1024)][-6:]
     return ys, [shape.threads_x]
 
 
@@ -315,10 +307,19 @@ def cuda_space(target, knobs: CUDAKnobs | None = None):
     """
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.space_generator.ScheduleFn(_space_fn(target, knobs), sch_rules=[], postprocs=[],
-                                         mutator_probs={})
+    return ms.space_generator.ScheduleFn(_space_fn(target, knobs), sch_rules=[], postprocs=[], mutator_probs={})
 
 
-__all__ = ["CUDAKnobs", "CUDA_KNOBS", "LaunchShape", "target_family", "default_knobs",
-           "target_limits", "launch_shape", "apply_knobs", "schedule_with", "schedule_cuda",
-           "cuda_space"]
+__all__ = [
+    "CUDA_KNOBS",
+    "CUDAKnobs",
+    "LaunchShape",
+    "apply_knobs",
+    "cuda_space",
+    "default_knobs",
+    "launch_shape",
+    "schedule_cuda",
+    "schedule_with",
+    "target_family",
+    "target_limits",
+]

@@ -48,8 +48,7 @@ def _check_level_map(level_map2d, shape: tuple[int, ...], num_levels: int | None
     if tuple(lm.shape) != tuple(shape):
         raise ValueError(f"level map shape {lm.shape} differs from weight shape {tuple(shape)}")
     if lm.size and int(lm.min()) < -1:
-        raise ValueError(f"level map holds {int(lm.min())}; "
-                         "values must be -1 (pruned) or a level >= 0")
+        raise ValueError(f"level map holds {int(lm.min())}; values must be -1 (pruned) or a level >= 0")
     if num_levels is not None and lm.size and int(lm.max()) >= num_levels:
         raise ValueError(f"level map holds level {int(lm.max())} >= num_levels={num_levels}")
     return lm.astype(np.int64)
@@ -202,9 +201,11 @@ class NestedCSR:
 
     def __repr__(self) -> str:
         dens = ", ".join(f"{self.density(lvl):.3f}" for lvl in range(self.num_levels))
-        return (f"NestedCSR({self.rows}x{self.cols}, L={self.num_levels}, "
-                f"density per level [{dens}], "
-                f"col {self.col.dtype}, level_len {self.level_len.dtype}, {self.nbytes} B)")
+        return (
+            f"NestedCSR({self.rows}x{self.cols}, L={self.num_levels}, "
+            f"density per level [{dens}], "
+            f"col {self.col.dtype}, level_len {self.level_len.dtype}, {self.nbytes} B)"
+        )
 
 
 __all__ = ["FORMAT_VERSION", "NestedCSR", "csr_nbytes"]

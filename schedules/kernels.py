@@ -66,8 +66,7 @@ def _check_fmt(fmt) -> NestedCSR:
     return fmt
 
 
-def _attrs(op: str, fmt: NestedCSR | None, dense_extent: int, num_levels: int | None = None,
-           **extra) -> dict:
+def _attrs(op: str, fmt: NestedCSR | None, dense_extent: int, num_levels: int | None = None, **extra) -> dict:
     attrs = {
         NOALIAS: True,
         ATTR_OP: op,
@@ -103,9 +102,18 @@ def nested_linear(fmt: NestedCSR, batch: int, has_bias: bool, lanes: int = 1):
     if not isinstance(has_bias, bool):
         raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
     U = _pos_int("lanes", lanes)
-    return _linear_func(fmt.rows, fmt.cols, fmt.num_levels, int(fmt.values.shape[0]),
-                        max(1, int(fmt.level_len[0].max())), str(fmt.col.dtype),
-                        str(fmt.level_len.dtype), B, has_bias, U)
+    return _linear_func(
+        fmt.rows,
+        fmt.cols,
+        fmt.num_levels,
+        int(fmt.values.shape[0]),
+        max(1, int(fmt.level_len[0].max())),
+        str(fmt.col.dtype),
+        str(fmt.level_len.dtype),
+        B,
+        has_bias,
+        U,
+    )
 
 
 def with_lanes(func, lanes: int):
@@ -123,8 +131,9 @@ def with_lanes(func, lanes: int):
     B, K = shapes["x"]
     L, M = shapes["level_len"]
     max_len = int(attrs[ATTR_MAX_LEN]) if ATTR_MAX_LEN in attrs else shapes["val"][0]
-    return _linear_func(M, K, L, shapes["val"][0], max_len, dtypes["col"], dtypes["level_len"],
-                        B, "bias" in shapes, lanes)
+    return _linear_func(
+        M, K, L, shapes["val"][0], max_len, dtypes["col"], dtypes["level_len"], B, "bias" in shapes, lanes
+    )
 
 
 def _linear_func(M, K, L, NNZ, MAXLEN, cdt, ldt, B, has_bias, U):
@@ -160,23 +169,32 @@ def _linear_func(M, K, L, NNZ, MAXLEN, cdt, ldt, B, has_bias, U):
                                 with T.init():
                                     acc[vb] = T.float32(0)
                                 if stage:
-                                    acc[vb] = acc[vb] + val[row_ptr[vm] + vj] * xt[
-                                        T.Cast("int32", col[row_ptr[vm] + vj]), vb]
+                                    acc[vb] = (
+                                        acc[vb] + val[row_ptr[vm] + vj] * xt[T.Cast("int32", col[row_ptr[vm] + vj]), vb]
+                                    )
                                 else:
-                                    acc[vb] = acc[vb] + val[row_ptr[vm] + vj] * x[
-                                        vb, T.Cast("int32", col[row_ptr[vm] + vj])]
+                                    acc[vb] = (
+                                        acc[vb] + val[row_ptr[vm] + vj] * x[vb, T.Cast("int32", col[row_ptr[vm] + vj])]
+                                    )
                     for b in range(B):
                         with T.sblock("store"):
                             vb = T.axis.spatial(B, b)
                             # an empty row never runs the reduction's init
                             if has_bias:
-                                out[vb, vm] = T.if_then_else(
-                                    level_len[T.max(0, T.min(level[()], L - 1)), vm] > T.Cast(ldt, 0),
-                                    acc[vb], T.float32(0)) + bias[vm]
+                                out[vb, vm] = (
+                                    T.if_then_else(
+                                        level_len[T.max(0, T.min(level[()], L - 1)), vm] > T.Cast(ldt, 0),
+                                        acc[vb],
+                                        T.float32(0),
+                                    )
+                                    + bias[vm]
+                                )
                             else:
                                 out[vb, vm] = T.if_then_else(
                                     level_len[T.max(0, T.min(level[()], L - 1)), vm] > T.Cast(ldt, 0),
-                                    acc[vb], T.float32(0))
+                                    acc[vb],
+                                    T.float32(0),
+                                )
                 else:
                     accu = T.sblock_alloc_buffer((U, B), "float32", scope="local")
                     acct = T.sblock_alloc_buffer((B,), "float32", scope="local")
@@ -188,11 +206,17 @@ def _linear_func(M, K, L, NNZ, MAXLEN, cdt, ldt, B, has_bias, U):
                                 with T.init():
                                     accu[vu, vb] = T.float32(0)
                                 if stage:
-                                    accu[vu, vb] = accu[vu, vb] + val[row_ptr[vm] + vj * U + vu] * xt[
-                                        T.Cast("int32", col[row_ptr[vm] + vj * U + vu]), vb]
+                                    accu[vu, vb] = (
+                                        accu[vu, vb]
+                                        + val[row_ptr[vm] + vj * U + vu]
+                                        * xt[T.Cast("int32", col[row_ptr[vm] + vj * U + vu]), vb]
+                                    )
                                 else:
-                                    accu[vu, vb] = accu[vu, vb] + val[row_ptr[vm] + vj * U + vu] * x[
-                                        vb, T.Cast("int32", col[row_ptr[vm] + vj * U + vu])]
+                                    accu[vu, vb] = (
+                                        accu[vu, vb]
+                                        + val[row_ptr[vm] + vj * U + vu]
+                                        * x[vb, T.Cast("int32", col[row_ptr[vm] + vj * U + vu])]
+                                    )
                     for t in range(T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) % U):
                         for b in range(B):
                             with T.sblock("tail"):
@@ -201,43 +225,105 @@ def _linear_func(M, K, L, NNZ, MAXLEN, cdt, ldt, B, has_bias, U):
                                 with T.init():
                                     acct[vb] = T.float32(0)
                                 if stage:
-                                    acct[vb] = acct[vb] + val[row_ptr[vm] + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U + vt] * xt[
-                                        T.Cast("int32", col[row_ptr[vm] + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U + vt]), vb]
+                                    acct[vb] = (
+                                        acct[vb]
+                                        + val[
+                                            row_ptr[vm]
+                                            + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U
+                                            + vt
+                                        ]
+                                        * xt[
+                                            T.Cast(
+                                                "int32",
+                                                col[
+                                                    row_ptr[vm]
+                                                    + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm])
+                                                    // U
+                                                    * U
+                                                    + vt
+                                                ],
+                                            ),
+                                            vb,
+                                        ]
+                                    )
                                 else:
-                                    acct[vb] = acct[vb] + val[row_ptr[vm] + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U + vt] * x[
-                                        vb, T.Cast("int32", col[row_ptr[vm] + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U + vt])]
+                                    acct[vb] = (
+                                        acct[vb]
+                                        + val[
+                                            row_ptr[vm]
+                                            + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) // U * U
+                                            + vt
+                                        ]
+                                        * x[
+                                            vb,
+                                            T.Cast(
+                                                "int32",
+                                                col[
+                                                    row_ptr[vm]
+                                                    + T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm])
+                                                    // U
+                                                    * U
+                                                    + vt
+                                                ],
+                                            ),
+                                        ]
+                                    )
                     for b in range(B):
                         with T.sblock("store"):
                             vb = T.axis.spatial(B, b)
                             # reductions that ran no iteration never ran their init
                             if has_bias:
-                                out[vb, vm] = T.if_then_else(
-                                    T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) >= U,
-                                    _lane_sum(accu, vb), T.float32(0)) + T.if_then_else(
-                                    T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) % U > 0,
-                                    acct[vb], T.float32(0)) + bias[vm]
+                                out[vb, vm] = (
+                                    T.if_then_else(
+                                        T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) >= U,
+                                        _lane_sum(accu, vb),
+                                        T.float32(0),
+                                    )
+                                    + T.if_then_else(
+                                        T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) % U > 0,
+                                        acct[vb],
+                                        T.float32(0),
+                                    )
+                                    + bias[vm]
+                                )
                             else:
                                 out[vb, vm] = T.if_then_else(
                                     T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) >= U,
-                                    _lane_sum(accu, vb), T.float32(0)) + T.if_then_else(
+                                    _lane_sum(accu, vb),
+                                    T.float32(0),
+                                ) + T.if_then_else(
                                     T.Cast("int32", level_len[T.max(0, T.min(level[()], L - 1)), vm]) % U > 0,
-                                    acct[vb], T.float32(0))
+                                    acct[vb],
+                                    T.float32(0),
+                                )
 
     if has_bias:
+
         @T.prim_func(s_tir=True)
-        def nested_linear_bias(x: T.Buffer((B, K), "float32"), val: T.Buffer((NNZ,), "float32"),
-                               col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((M + 1,), "int32"),
-                               level_len: T.Buffer((L, M), ldt), bias: T.Buffer((M,), "float32"),
-                               level: T.Buffer((), "int32"), out: T.Buffer((B, M), "float32")):
+        def nested_linear_bias(
+            x: T.Buffer((B, K), "float32"),
+            val: T.Buffer((NNZ,), "float32"),
+            col: T.Buffer((NNZ,), cdt),
+            row_ptr: T.Buffer((M + 1,), "int32"),
+            level_len: T.Buffer((L, M), ldt),
+            bias: T.Buffer((M,), "float32"),
+            level: T.Buffer((), "int32"),
+            out: T.Buffer((B, M), "float32"),
+        ):
             body(x, val, col, row_ptr, level_len, bias, level, out)
 
         return nested_linear_bias
 
     @T.prim_func(s_tir=True)
-    def nested_linear(x: T.Buffer((B, K), "float32"), val: T.Buffer((NNZ,), "float32"),
-                      col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((M + 1,), "int32"),
-                      level_len: T.Buffer((L, M), ldt), level: T.Buffer((), "int32"),
-                      out: T.Buffer((B, M), "float32")):
+    def nested_linear(
+        x: T.Buffer((B, K), "float32"),
+        val: T.Buffer((NNZ,), "float32"),
+        col: T.Buffer((NNZ,), cdt),
+        row_ptr: T.Buffer((M + 1,), "int32"),
+        level_len: T.Buffer((L, M), ldt),
+        level: T.Buffer((), "int32"),
+        out: T.Buffer((B, M), "float32"),
+    ):
         body(x, val, col, row_ptr, level_len, None, level, out)
 
     return nested_linear
@@ -249,21 +335,32 @@ def _conv_signature(body, x_shape, O, NNZ, cdt, L, ldt, out_hw, has_bias):
     N, C, H, W = x_shape
     OH, OW = out_hw
     if has_bias:
+
         @T.prim_func(s_tir=True)
-        def nested_conv2d_bias(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
-                               col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
-                               level_len: T.Buffer((L, O), ldt), bias: T.Buffer((O,), "float32"),
-                               level: T.Buffer((), "int32"),
-                               out: T.Buffer((N, O, OH, OW), "float32")):
+        def nested_conv2d_bias(
+            x: T.Buffer((N, C, H, W), "float32"),
+            val: T.Buffer((NNZ,), "float32"),
+            col: T.Buffer((NNZ,), cdt),
+            row_ptr: T.Buffer((O + 1,), "int32"),
+            level_len: T.Buffer((L, O), ldt),
+            bias: T.Buffer((O,), "float32"),
+            level: T.Buffer((), "int32"),
+            out: T.Buffer((N, O, OH, OW), "float32"),
+        ):
             body(x, val, col, row_ptr, level_len, bias, level, out)
 
         return nested_conv2d_bias
 
     @T.prim_func(s_tir=True)
-    def nested_conv2d(x: T.Buffer((N, C, H, W), "float32"), val: T.Buffer((NNZ,), "float32"),
-                      col: T.Buffer((NNZ,), cdt), row_ptr: T.Buffer((O + 1,), "int32"),
-                      level_len: T.Buffer((L, O), ldt), level: T.Buffer((), "int32"),
-                      out: T.Buffer((N, O, OH, OW), "float32")):
+    def nested_conv2d(
+        x: T.Buffer((N, C, H, W), "float32"),
+        val: T.Buffer((NNZ,), "float32"),
+        col: T.Buffer((NNZ,), cdt),
+        row_ptr: T.Buffer((O + 1,), "int32"),
+        level_len: T.Buffer((L, O), ldt),
+        level: T.Buffer((), "int32"),
+        out: T.Buffer((N, O, OH, OW), "float32"),
+    ):
         body(x, val, col, row_ptr, level_len, None, level, out)
 
     return nested_conv2d
@@ -294,21 +391,35 @@ def _conv_args(fmt, x_shape, kernel_size, strides, padding, dilation, groups, ha
         padding = tuple(padding) * 2
     if not isinstance(has_bias, bool):
         raise ValueError(f"has_bias must be a bool, got {has_bias!r}")
-    return (fmt, _int_tuple("x_shape", x_shape, 4, 1), _int_tuple("kernel_size", kernel_size, 2, 1),
-            _int_tuple("strides", strides, 2, 1), _int_tuple("dilation", dilation, 2, 1),
-            _int_tuple("padding", padding, 4, 0), _pos_int("groups", groups))
+    return (
+        fmt,
+        _int_tuple("x_shape", x_shape, 4, 1),
+        _int_tuple("kernel_size", kernel_size, 2, 1),
+        _int_tuple("strides", strides, 2, 1),
+        _int_tuple("dilation", dilation, 2, 1),
+        _int_tuple("padding", padding, 4, 0),
+        _pos_int("groups", groups),
+    )
 
 
-def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[int],
-                  strides: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                  groups: int, has_bias: bool):
+def nested_conv2d(
+    fmt: NestedCSR,
+    x_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    has_bias: bool,
+):
     """Nested sparse conv2d, NCHW input, OIHW weight (``fmt`` rows = O, cols = C/groups*KH*KW).
 
     ``padding`` is ``(top, left, bottom, right)``. Params: ``x[N, C, H, W] f32, values, col,
     row_ptr, level_len, bias[O] f32 (if has_bias), level () int32, out[N, O, OH, OW] f32``.
     """
     fmt, (N, C, H, W), (KH, KW), (SH, SW), (DH, DW), (PT, PL, PB, PR), G = _conv_args(
-        fmt, x_shape, kernel_size, strides, padding, dilation, groups, has_bias)
+        fmt, x_shape, kernel_size, strides, padding, dilation, groups, has_bias
+    )
     O, L = fmt.rows, fmt.num_levels
     if C % G:
         raise ValueError(f"groups={G} does not divide the input channels C={C}")
@@ -317,11 +428,12 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
     CG, OG, KHW = C // G, O // G, KH * KW
     if fmt.cols != CG * KHW:
         raise ValueError(f"fmt.cols={fmt.cols} != C/groups*KH*KW = {CG}*{KH}*{KW} = {CG * KHW}")
-    _, _, OH, OW = conv2d_output_shape((N, C, H, W), O, (KH, KW), (SH, SW), (PT, PL, PB, PR),
-                                       (DH, DW))
+    _, _, OH, OW = conv2d_output_shape((N, C, H, W), O, (KH, KW), (SH, SW), (PT, PL, PB, PR), (DH, DW))
     if OH < 1 or OW < 1:
-        raise ValueError(f"output size {OH}x{OW} is empty for input {H}x{W}, kernel {KH}x{KW}, "
-                         f"strides {(SH, SW)}, padding {(PT, PL, PB, PR)}, dilation {(DH, DW)}")
+        raise ValueError(
+            f"output size {OH}x{OW} is empty for input {H}x{W}, kernel {KH}x{KW}, "
+            f"strides {(SH, SW)}, padding {(PT, PL, PB, PR)}, dilation {(DH, DW)}"
+        )
     # the padded input only needs the rows/cols some output reads
     HP = (OH - 1) * SH + (KH - 1) * DH + 1
     WP = (OW - 1) * SW + (KW - 1) * DW + 1
@@ -331,8 +443,12 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
     NNZ = int(fmt.values.shape[0])
     MAXLEN = max(1, int(fmt.level_len[0].max()))  # domain of the in-row reduction index
     cdt, ldt = str(fmt.col.dtype), str(fmt.level_len.dtype)
-    attrs = _attrs("conv2d", fmt, OW, **{"nested.tile_rows": TR, ATTR_MAX_LEN: MAXLEN,
-                                         ATTR_CONV: [KH, KW, SH, SW, PT, PL, PB, PR, DH, DW, G]})
+    attrs = _attrs(
+        "conv2d",
+        fmt,
+        OW,
+        **{"nested.tile_rows": TR, ATTR_MAX_LEN: MAXLEN, ATTR_CONV: [KH, KW, SH, SW, PT, PL, PB, PR, DH, DW, G]},
+    )
 
     @T.macro
     def body(x, val, col, row_ptr, level_len, bias, level, out):
@@ -345,7 +461,8 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
                     xp[vn, vc, vh, vw] = T.if_then_else(
                         PT <= vh and vh < H + PT and PL <= vw and vw < W + PL,
                         x[vn, vc, T.min(T.max(vh - PT, 0), H - 1), T.min(T.max(vw - PL, 0), W - 1)],
-                        T.float32(0))
+                        T.float32(0),
+                    )
         for n, o, t in T.grid(N, O, NT):
             with T.sblock("row"):
                 vn, vo, vt = T.axis.remap("SSS", [n, o, t])
@@ -358,35 +475,56 @@ def nested_conv2d(fmt: NestedCSR, x_shape: Sequence[int], kernel_size: Sequence[
                             with T.init():
                                 acc[vr, vow] = T.float32(0)
                             if stage:
-                                acc[vr, vow] = acc[vr, vow] + val[row_ptr[vo] + vj] * xp[
-                                    vn, (vo // OG) * CG + T.Cast("int32", col[row_ptr[vo] + vj]) // KHW,
-                                    (vt * TR + vr) * SH
-                                    + T.Cast("int32", col[row_ptr[vo] + vj]) % KHW // KW * DH,
-                                    vow * SW + T.Cast("int32", col[row_ptr[vo] + vj]) % KW * DW]
+                                acc[vr, vow] = (
+                                    acc[vr, vow]
+                                    + val[row_ptr[vo] + vj]
+                                    * xp[
+                                        vn,
+                                        (vo // OG) * CG + T.Cast("int32", col[row_ptr[vo] + vj]) // KHW,
+                                        (vt * TR + vr) * SH + T.Cast("int32", col[row_ptr[vo] + vj]) % KHW // KW * DH,
+                                        vow * SW + T.Cast("int32", col[row_ptr[vo] + vj]) % KW * DW,
+                                    ]
+                                )
                             else:
-                                acc[vr, vow] = acc[vr, vow] + val[row_ptr[vo] + vj] * x[
-                                    vn, (vo // OG) * CG + T.Cast("int32", col[row_ptr[vo] + vj]) // KHW,
-                                    (vt * TR + vr) * SH
-                                    + T.Cast("int32", col[row_ptr[vo] + vj]) % KHW // KW * DH,
-                                    vow * SW + T.Cast("int32", col[row_ptr[vo] + vj]) % KW * DW]
+                                acc[vr, vow] = (
+                                    acc[vr, vow]
+                                    + val[row_ptr[vo] + vj]
+                                    * x[
+                                        vn,
+                                        (vo // OG) * CG + T.Cast("int32", col[row_ptr[vo] + vj]) // KHW,
+                                        (vt * TR + vr) * SH + T.Cast("int32", col[row_ptr[vo] + vj]) % KHW // KW * DH,
+                                        vow * SW + T.Cast("int32", col[row_ptr[vo] + vj]) % KW * DW,
+                                    ]
+                                )
                 for r, ow in T.grid(TR, OW):
                     with T.sblock("store"):
                         vr, vow = T.axis.remap("SS", [r, ow])
                         # an empty row never runs the reduction's init
                         if has_bias:
-                            out[vn, vo, vt * TR + vr, vow] = T.if_then_else(
-                                level_len[T.max(0, T.min(level[()], L - 1)), vo] > T.Cast(ldt, 0),
-                                acc[vr, vow], T.float32(0)) + bias[vo]
+                            out[vn, vo, vt * TR + vr, vow] = (
+                                T.if_then_else(
+                                    level_len[T.max(0, T.min(level[()], L - 1)), vo] > T.Cast(ldt, 0),
+                                    acc[vr, vow],
+                                    T.float32(0),
+                                )
+                                + bias[vo]
+                            )
                         else:
                             out[vn, vo, vt * TR + vr, vow] = T.if_then_else(
                                 level_len[T.max(0, T.min(level[()], L - 1)), vo] > T.Cast(ldt, 0),
-                                acc[vr, vow], T.float32(0))
+                                acc[vr, vow],
+                                T.float32(0),
+                            )
 
     return _conv_signature(body, (N, C, H, W), O, NNZ, cdt, L, ldt, (OH, OW), has_bias)
 
 
 # ----------------------------------------------------------------------------- conv2d, flat layout
 _FLAT_TILE = 64  # output positions per "row" block of the flat layout (a multiple of 8)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _dense_mask(dense_levels, L: int) -> int:
@@ -401,10 +539,10 @@ def _dense_mask(dense_levels, L: int) -> int:
 
 def flat_geometry(x_shape, kernel_size, strides, padding, dilation) -> dict:
     """Sizes of the flat layout (see ``nested_conv2d_flat``)."""
-    N, C, H, W = x_shape
+    _N, C, _H, _W = x_shape
     KH, KW = kernel_size
     SH, SW = strides
-    PT, PL, PB, PR = padding
+    _PT, _PL, _PB, _PR = padding
     DH, DW = dilation
     _, _, OH, OW = conv2d_output_shape(x_shape, 1, kernel_size, strides, padding, dilation)
     nph = max((kh * DH) % SH for kh in range(KH)) + 1  # phases of the input rows some tap reads
@@ -412,17 +550,31 @@ def flat_geometry(x_shape, kernel_size, strides, padding, dilation) -> dict:
     msh, msw = (KH - 1) * DH // SH, (KW - 1) * DW // SW  # largest shift inside a phase plane
     PH2, PW2 = OH + msh, OW + msw  # one phase plane
     P = OH * PW2  # flat output positions (PW2 - OW of every PW2 are dropped at the store)
-    NT = -(-P // _FLAT_TILE)
-    TP = -(-(-(-P // NT)) // 8) * 8
+    NT = _ceil_div(P, _FLAT_TILE)
+    TP = _ceil_div(_ceil_div(P, NT), 8) * 8
     plane = PH2 * PW2
     chs = nph * npw * plane  # per input channel
     slack = NT * TP - P + msw  # read past the last plane by the last tile's dropped positions
-    return dict(OH=OH, OW=OW, NPH=nph, NPW=npw, PH2=PH2, PW2=PW2, P=P, NT=NT, TP=TP, PLANE=plane,
-                CHS=chs, SLACK=slack, XS=C * chs + slack)
+    return dict(
+        OH=OH,
+        OW=OW,
+        NPH=nph,
+        NPW=npw,
+        PH2=PH2,
+        PW2=PW2,
+        P=P,
+        NT=NT,
+        TP=TP,
+        PLANE=plane,
+        CHS=chs,
+        SLACK=slack,
+        XS=C * chs + slack,
+    )
 
 
-def nested_conv2d_flat(fmt: NestedCSR, x_shape, kernel_size, strides, padding, dilation, groups,
-                       has_bias, dense_levels=()):
+def nested_conv2d_flat(
+    fmt: NestedCSR, x_shape, kernel_size, strides, padding, dilation, groups, has_bias, dense_levels=()
+):
     """Nested sparse conv2d in the *flat* layout (CPU): same params and numerics as ``nested_conv2d``.
 
     The input is staged (``"stage"``, plus ``"stage_tail"`` zeroing the slack) into one zero-padded
@@ -439,16 +591,28 @@ def nested_conv2d_flat(fmt: NestedCSR, x_shape, kernel_size, strides, padding, d
     bit mask of the (clamped) level, a constant of the kernel. No weight is stored twice.
     """
     fmt, (N, C, H, W), (KH, KW), (SH, SW), (DH, DW), (PT, PL, PB, PR), G = _conv_args(
-        fmt, x_shape, kernel_size, strides, padding, dilation, groups, has_bias)
+        fmt, x_shape, kernel_size, strides, padding, dilation, groups, has_bias
+    )
     if C % G or fmt.rows % G:
         raise ValueError(f"groups={G} does not divide C={C} and O={fmt.rows}")
     if fmt.cols != C // G * KH * KW:
         raise ValueError(f"fmt.cols={fmt.cols} != C/groups*KH*KW = {C // G * KH * KW}")
-    return _conv_flat_func(fmt.rows, fmt.num_levels, int(fmt.values.shape[0]),
-                           max(1, int(fmt.level_len[0].max())), str(fmt.col.dtype),
-                           str(fmt.level_len.dtype), (N, C, H, W), (KH, KW), (SH, SW),
-                           (PT, PL, PB, PR), (DH, DW), G, has_bias,
-                           _dense_mask(dense_levels, fmt.num_levels))
+    return _conv_flat_func(
+        fmt.rows,
+        fmt.num_levels,
+        int(fmt.values.shape[0]),
+        max(1, int(fmt.level_len[0].max())),
+        str(fmt.col.dtype),
+        str(fmt.level_len.dtype),
+        (N, C, H, W),
+        (KH, KW),
+        (SH, SW),
+        (PT, PL, PB, PR),
+        (DH, DW),
+        G,
+        has_bias,
+        _dense_mask(dense_levels, fmt.num_levels),
+    )
 
 
 def specialize_conv(func, layout: str = "flat", dense_levels=None):
@@ -469,9 +633,22 @@ def specialize_conv(func, layout: str = "flat", dense_levels=None):
         mask = int(attrs.get(ATTR_DENSE_LEVELS + "_mask", 0))
     else:
         mask = _dense_mask(dense_levels, L)
-    return _conv_flat_func(O, L, shapes["val"][0], int(attrs[ATTR_MAX_LEN]), dtypes["col"],
-                           dtypes["level_len"], tuple(shapes["x"]), (KH, KW), (SH, SW),
-                           (PT, PL, PB, PR), (DH, DW), G, "bias" in shapes, mask)
+    return _conv_flat_func(
+        O,
+        L,
+        shapes["val"][0],
+        int(attrs[ATTR_MAX_LEN]),
+        dtypes["col"],
+        dtypes["level_len"],
+        tuple(shapes["x"]),
+        (KH, KW),
+        (SH, SW),
+        (PT, PL, PB, PR),
+        (DH, DW),
+        G,
+        "bias" in shapes,
+        mask,
+    )
 
 
 def dense_levels_of(func) -> list[int]:
@@ -481,8 +658,7 @@ def dense_levels_of(func) -> list[int]:
     return [lvl for lvl in range(64) if mask >> lvl & 1]
 
 
-def _conv_flat_func(O, L, NNZ, MAXLEN, cdt, ldt, x_shape, ksize, strides, padding, dilation, G,
-                    has_bias, dmask):
+def _conv_flat_func(O, L, NNZ, MAXLEN, cdt, ldt, x_shape, ksize, strides, padding, dilation, G, has_bias, dmask):
     N, C, H, W = x_shape
     KH, KW = ksize
     SH, SW = strides
@@ -495,14 +671,24 @@ def _conv_flat_func(O, L, NNZ, MAXLEN, cdt, ldt, x_shape, ksize, strides, paddin
     K = CG * KHW
     DOB = next(d for d in (4, 3, 2, 1) if OG % d == 0)  # dense path: output channels per block
     DTP = 16 if TP % 16 == 0 else 8  # dense path: positions per block
-    attrs = _attrs("conv2d", None, TP, num_levels=L, **{
-        ATTR_MAX_LEN: MAXLEN, ATTR_CONV: [KH, KW, SH, SW, PT, PL, PB, PR, DH, DW, G],
-        ATTR_LAYOUT: "flat", "nested.tile_positions": TP, ATTR_DENSE_LEVELS + "_mask": dmask})
+    attrs = _attrs(
+        "conv2d",
+        None,
+        TP,
+        num_levels=L,
+        **{
+            ATTR_MAX_LEN: MAXLEN,
+            ATTR_CONV: [KH, KW, SH, SW, PT, PL, PB, PR, DH, DW, G],
+            ATTR_LAYOUT: "flat",
+            "nested.tile_positions": TP,
+            ATTR_DENSE_LEVELS + "_mask": dmask,
+        },
+    )
 
     def tap(c):  # offset of stored column c = (ci, kh, kw) inside its group's staged input
         kh = c % KHW // KW * DH
         kw = c % KW * DW
-        return (c // KHW * CHS + (kh % SH * NPW + kw % SW) * PLANE + kh // SH * PW2 + kw // SW)
+        return c // KHW * CHS + (kh % SH * NPW + kw % SW) * PLANE + kh // SH * PW2 + kw // SW
 
     def lvl_of(level):
         return T.max(0, T.min(level[()], L - 1))
@@ -520,21 +706,26 @@ def _conv_flat_func(O, L, NNZ, MAXLEN, cdt, ldt, x_shape, ksize, strides, paddin
                             vj = T.axis.reduce(MAXLEN, j)
                             with T.init():
                                 acc[vp] = T.float32(0)
-                            acc[vp] = acc[vp] + val[row_ptr[vo] + vj] * xs[
-                                vn, vo // OG * CG * CHS + tap(T.Cast("int32", col[row_ptr[vo] + vj]))
-                                + vt * TP + vp]
+                            acc[vp] = (
+                                acc[vp]
+                                + val[row_ptr[vo] + vj]
+                                * xs[
+                                    vn, vo // OG * CG * CHS + tap(T.Cast("int32", col[row_ptr[vo] + vj])) + vt * TP + vp
+                                ]
+                            )
                 for p in range(TP):
                     with T.sblock("store"):
                         vp = T.axis.spatial(TP, p)
                         if vt * TP + vp < P and (vt * TP + vp) % PW2 < OW:
                             if has_bias:
-                                out[vn, vo, (vt * TP + vp) // PW2, (vt * TP + vp) % PW2] = T.if_then_else(
-                                    level_len[lvl_of(level), vo] > T.Cast(ldt, 0), acc[vp],
-                                    T.float32(0)) + bias[vo]
+                                out[vn, vo, (vt * TP + vp) // PW2, (vt * TP + vp) % PW2] = (
+                                    T.if_then_else(level_len[lvl_of(level), vo] > T.Cast(ldt, 0), acc[vp], T.float32(0))
+                                    + bias[vo]
+                                )
                             else:
                                 out[vn, vo, (vt * TP + vp) // PW2, (vt * TP + vp) % PW2] = T.if_then_else(
-                                    level_len[lvl_of(level), vo] > T.Cast(ldt, 0), acc[vp],
-                                    T.float32(0))
+                                    level_len[lvl_of(level), vo] > T.Cast(ldt, 0), acc[vp], T.float32(0)
+                                )
 
     @T.macro
     def dense(xs, val, col, row_ptr, level_len, bias, level, out):
@@ -560,20 +751,39 @@ def _conv_flat_func(O, L, NNZ, MAXLEN, cdt, ldt, x_shape, ksize, strides, paddin
                         vci, vkh, vkw, vu, vp = T.axis.remap("RRRSS", [ci, kh, kw, u, p])
                         with T.init():
                             dacc[vu, vp] = T.float32(0)
-                        dacc[vu, vp] = dacc[vu, vp] + wd[vob * DOB + vu, vci * KHW + vkh * KW + vkw] * xs[
-                            vn, (vob * DOB) // OG * CG * CHS + vci * CHS
-                            + ((vkh * DH) % SH * NPW + (vkw * DW) % SW) * PLANE
-                            + (vkh * DH) // SH * PW2 + (vkw * DW) // SW + vt * TP + vtp * DTP + vp]
+                        dacc[vu, vp] = (
+                            dacc[vu, vp]
+                            + wd[vob * DOB + vu, vci * KHW + vkh * KW + vkw]
+                            * xs[
+                                vn,
+                                (vob * DOB) // OG * CG * CHS
+                                + vci * CHS
+                                + ((vkh * DH) % SH * NPW + (vkw * DW) % SW) * PLANE
+                                + (vkh * DH) // SH * PW2
+                                + (vkw * DW) // SW
+                                + vt * TP
+                                + vtp * DTP
+                                + vp,
+                            ]
+                        )
                 for u, p in T.grid(DOB, DTP):
                     with T.sblock("dense_store"):
                         vu, vp = T.axis.remap("SS", [u, p])
                         if vt * TP + vtp * DTP + vp < P and (vt * TP + vtp * DTP + vp) % PW2 < OW:
                             if has_bias:
-                                out[vn, vob * DOB + vu, (vt * TP + vtp * DTP + vp) // PW2,
-                                    (vt * TP + vtp * DTP + vp) % PW2] = dacc[vu, vp] + bias[vob * DOB + vu]
+                                out[
+                                    vn,
+                                    vob * DOB + vu,
+                                    (vt * TP + vtp * DTP + vp) // PW2,
+                                    (vt * TP + vtp * DTP + vp) % PW2,
+                                ] = dacc[vu, vp] + bias[vob * DOB + vu]
                             else:
-                                out[vn, vob * DOB + vu, (vt * TP + vtp * DTP + vp) // PW2,
-                                    (vt * TP + vtp * DTP + vp) % PW2] = dacc[vu, vp]
+                                out[
+                                    vn,
+                                    vob * DOB + vu,
+                                    (vt * TP + vtp * DTP + vp) // PW2,
+                                    (vt * TP + vtp * DTP + vp) % PW2,
+                                ] = dacc[vu, vp]
 
     @T.macro
     def body(x, val, col, row_ptr, level_len, bias, level, out):
@@ -583,11 +793,10 @@ def _conv_flat_func(O, L, NNZ, MAXLEN, cdt, ldt, x_shape, ksize, strides, paddin
             with T.sblock("stage"):
                 vn, vc, vph, vpw, vi, vjj = T.axis.remap("SSSSSS", [n, c, ph, pw, i, jj])
                 xs[vn, ((vc * NPH + vph) * NPW + vpw) * PLANE + vi * PW2 + vjj] = T.if_then_else(
-                    PT <= vi * SH + vph and vi * SH + vph < H + PT
-                    and PL <= vjj * SW + vpw and vjj * SW + vpw < W + PL,
-                    x[vn, vc, T.min(T.max(vi * SH + vph - PT, 0), H - 1),
-                      T.min(T.max(vjj * SW + vpw - PL, 0), W - 1)],
-                    T.float32(0))
+                    PT <= vi * SH + vph and vi * SH + vph < H + PT and PL <= vjj * SW + vpw and vjj * SW + vpw < W + PL,
+                    x[vn, vc, T.min(T.max(vi * SH + vph - PT, 0), H - 1), T.min(T.max(vjj * SW + vpw - PL, 0), W - 1)],
+                    T.float32(0),
+                )
         for n, s in T.grid(N, SLACK):
             with T.sblock("stage_tail"):
                 vn, vs = T.axis.remap("SS", [n, s])
@@ -603,6 +812,22 @@ def _conv_flat_func(O, L, NNZ, MAXLEN, cdt, ldt, x_shape, ksize, strides, paddin
     return _conv_signature(body, (N, C, H, W), O, NNZ, cdt, L, ldt, (OH, OW), has_bias)
 
 
-__all__ = ["nested_conv2d_flat", "specialize_conv", "flat_geometry", "dense_levels_of",
-           "ATTR_LAYOUT", "ATTR_DENSE_LEVELS", "ATTR_CONV", "nested_linear", "with_lanes", "ATTR_LANES", "ATTR_MAX_LEN", "nested_conv2d", "conv2d_output_shape", "ATTR_OP", "ATTR_NUM_LEVELS",
-           "ATTR_KERNEL", "ATTR_DENSE_EXTENT"]
+__all__ = [
+    "ATTR_CONV",
+    "ATTR_DENSE_EXTENT",
+    "ATTR_DENSE_LEVELS",
+    "ATTR_KERNEL",
+    "ATTR_LANES",
+    "ATTR_LAYOUT",
+    "ATTR_MAX_LEN",
+    "ATTR_NUM_LEVELS",
+    "ATTR_OP",
+    "conv2d_output_shape",
+    "dense_levels_of",
+    "flat_geometry",
+    "nested_conv2d",
+    "nested_conv2d_flat",
+    "nested_linear",
+    "specialize_conv",
+    "with_lanes",
+]

@@ -40,10 +40,17 @@ def nested_linear_ref(x, fmt_or_pair, level: int, bias=None) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def nested_conv2d_ref(x, fmt_or_pair, level: int, kernel_size: Sequence[int],
-                      strides: Sequence[int],
-                      padding: Sequence[int], dilation: Sequence[int], groups: int,
-                      bias=None) -> np.ndarray:
+def nested_conv2d_ref(
+    x,
+    fmt_or_pair,
+    level: int,
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    bias=None,
+) -> np.ndarray:
     """Direct conv2d (NCHW, OIHW) of ``x`` with ``W_eff``; ``padding = (top, left, bottom, right)``.
 
     The weight may be given 4-D (OIHW) or in its 2-D view ``[O, C/groups*KH*KW]``.
@@ -64,16 +71,14 @@ def nested_conv2d_ref(x, fmt_or_pair, level: int, kernel_size: Sequence[int],
     ow = (w_ + pl + pr - dw * (kw - 1) - 1) // sw + 1
     out = np.zeros((n, o, oh, ow), np.float64)
     for g in range(groups):
-        xg = xp[:, g * cg:(g + 1) * cg]
+        xg = xp[:, g * cg : (g + 1) * cg]
         for i in range(kh):
             for j in range(kw):
-                win = xg[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh,
-                         j * dw: j * dw + sw * (ow - 1) + 1: sw]
-                out[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", win,
-                                                         wt[g * og:(g + 1) * og, :, i, j])
+                win = xg[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+                out[:, g * og : (g + 1) * og] += np.einsum("nchw,oc->nohw", win, wt[g * og : (g + 1) * og, :, i, j])
     if bias is not None:
         out += np.asarray(bias, np.float64)[None, :, None, None]
     return out.astype(np.float32)
 
 
-__all__ = ["effective_weight", "nested_linear_ref", "nested_conv2d_ref"]
+__all__ = ["effective_weight", "nested_conv2d_ref", "nested_linear_ref"]

@@ -29,15 +29,17 @@ def check_table(table, num_stages: int, num_levels: int) -> np.ndarray:
     """A latency table as float64 ``(stages, levels)`` microseconds; ValueError naming the problem."""
     t = np.asarray(table, dtype=np.float64)
     if t.shape != (num_stages, num_levels):
-        raise ValueError(f"latency table must have shape (stages, levels) = ({num_stages}, {num_levels}), "
-                         f"got {t.shape}")
+        raise ValueError(
+            f"latency table must have shape (stages, levels) = ({num_stages}, {num_levels}), got {t.shape}"
+        )
     if not np.all(np.isfinite(t)) or np.any(t < 0):
         raise ValueError("latency table entries must be finite, non-negative microseconds")
     return t
 
 
-def reroute_rule(num_stages: int, num_levels: int, level_dtype: str = "int32", adaptive: bool = True,
-                 overhead_us: float = 0.0) -> tvm.tirx.PrimFunc:
+def reroute_rule(
+    num_stages: int, num_levels: int, level_dtype: str = "int32", adaptive: bool = True, overhead_us: float = 0.0
+) -> tvm.tirx.PrimFunc:
     """The decision rule as a PrimFunc (see the module docstring); ``stage`` = stages already run.
 
     ``spent_us`` is the table's prediction for the stages before ``stage - 1``; the rule adds the stage
@@ -55,9 +57,16 @@ def reroute_rule(num_stages: int, num_levels: int, level_dtype: str = "int32", a
         raise ValueError(f"overhead_us must be a finite number >= 0, got {overhead_us!r}")
 
     @T.prim_func(private=True)
-    def rule(elapsed_us: T.Buffer((), "float64"), deadline_us: T.Buffer((), "float64"),
-             level: T.Buffer((), level_dtype), spent_us: T.Buffer((), "float64"), table: T.Buffer((K, L), "float64"),
-             stage: T.int32, out: T.Buffer((), level_dtype), spent_out: T.Buffer((), "float64")):
+    def rule(
+        elapsed_us: T.Buffer((), "float64"),
+        deadline_us: T.Buffer((), "float64"),
+        level: T.Buffer((), level_dtype),
+        spent_us: T.Buffer((), "float64"),
+        table: T.Buffer((K, L), "float64"),
+        stage: T.int32,
+        out: T.Buffer((), level_dtype),
+        spent_out: T.Buffer((), "float64"),
+    ):
         rem = T.alloc_buffer((L,), "float64")
         factor = T.alloc_buffer((1,), "float64")
         cur = T.max(T.min(T.Cast("int32", level[()]), L - 1), 0)
@@ -101,14 +110,23 @@ def elapsed_us() -> tvm.tirx.PrimFunc:
     def elapsed(t0_ns: T.Buffer((), "int64"), stage: T.int32, out: T.Buffer((), "float64")):
         ts = T.alloc_buffer((2,), "int64")
         T.evaluate(T.call_extern("int32", "clock_gettime", CLOCK_MONOTONIC, T.address_of(ts[0])))
-        out[()] = T.Cast("float64", ts[0] * T.int64(1000000000) + ts[1] - t0_ns[()]) * T.float64(1e-3) \
-            + T.Cast("float64", stage) * T.float64(0)
+        out[()] = T.Cast("float64", ts[0] * T.int64(1000000000) + ts[1] - t0_ns[()]) * T.float64(1e-3) + T.Cast(
+            "float64", stage
+        ) * T.float64(0)
 
     return elapsed
 
 
-def decide(table, elapsed_us_: float, deadline_us: float, level: int, stage: int, spent_us: float = 0.0,
-           adaptive: bool = True, overhead_us: float = 0.0) -> tuple[int, float]:
+def decide(
+    table,
+    elapsed_us_: float,
+    deadline_us: float,
+    level: int,
+    stage: int,
+    spent_us: float = 0.0,
+    adaptive: bool = True,
+    overhead_us: float = 0.0,
+) -> tuple[int, float]:
     """NumPy reference of ``nested_reroute_rule``: (next level, predicted time spent so far)."""
     table = np.asarray(table, dtype=np.float64)
     K, L = table.shape
@@ -122,5 +140,14 @@ def decide(table, elapsed_us_: float, deadline_us: float, level: int, stage: int
     return (fits[0] if fits else L - 1), spent
 
 
-__all__ = ["CLOCK_FUNC", "ELAPSED_FUNC", "RULE_FUNC", "TABLE_FUNC", "check_table", "clock_ns", "decide",
-           "elapsed_us", "reroute_rule"]
+__all__ = [
+    "CLOCK_FUNC",
+    "ELAPSED_FUNC",
+    "RULE_FUNC",
+    "TABLE_FUNC",
+    "check_table",
+    "clock_ns",
+    "decide",
+    "elapsed_us",
+    "reroute_rule",
+]

@@ -31,7 +31,7 @@ def _tvm_series(version: str) -> str:
 
 @dataclass(frozen=True)
 class Manifest:
-    target: str          # canonical JSON of the whole target
+    target: str  # canonical JSON of the whole target
     tvm_version: str
     format_version: int
 
@@ -57,18 +57,26 @@ def check(work_dir: str | os.PathLike, target) -> Path:
     path = Path(work_dir)
     if not (path / MANIFEST).is_file():
         if path.is_dir() and (path / RECORD_FILE).exists():
-            raise TuningLogError(f"{str(path)!r} holds MetaSchedule records but no {MANIFEST}: not a tvm_nested tuning "
-                                 "log (its target and versions are unknown, so it is not applied)")
+            raise TuningLogError(
+                f"{str(path)!r} holds MetaSchedule records but no {MANIFEST}: not a tvm_nested tuning "
+                "log (its target and versions are unknown, so it is not applied)"
+            )
         raise TuningLogError(f"no tuning log at {str(path)!r} (expected {MANIFEST} written by tvm_nested.tune)")
     have, want = _read_manifest(path), Manifest.current(target)
     if have.target != want.target:
-        raise TuningLogError(f"tuning log {str(path)!r} was made for target {have.target}, not {want.target}: "
-                             "records tuned for one target are wrong for another; tune into a new directory")
+        raise TuningLogError(
+            f"tuning log {str(path)!r} was made for target {have.target}, not {want.target}: "
+            "records tuned for one target are wrong for another; tune into a new directory"
+        )
     if _tvm_series(have.tvm_version) != _tvm_series(want.tvm_version):
-        raise TuningLogError(f"tuning log {str(path)!r} was made with TVM {have.tvm_version}; this is TVM {want.tvm_version}")
+        raise TuningLogError(
+            f"tuning log {str(path)!r} was made with TVM {have.tvm_version}; this is TVM {want.tvm_version}"
+        )
     if have.format_version != want.format_version:
-        raise TuningLogError(f"tuning log {str(path)!r} was made for nested format v{have.format_version}; "
-                             f"this tvm_nested uses v{want.format_version}")
+        raise TuningLogError(
+            f"tuning log {str(path)!r} was made for nested format v{have.format_version}; "
+            f"this tvm_nested uses v{want.format_version}"
+        )
     return path
 
 

@@ -76,9 +76,7 @@ def _board_services(board_env):
         # registered one is the in-process variant, same protocol, one emulated tvm import fewer.
         tracker = board.start_tracker(wait=False)
         direct = board.start_server(wait=False)
-        registered = board.start_server(
-            tracker=tracker.address, key=BOARD_KEY, wait=False, inproc=True
-        )
+        registered = board.start_server(tracker=tracker.address, key=BOARD_KEY, wait=False, inproc=True)
         for bp in (tracker, direct, registered):
             board.wait_ready(bp)
         yield _Services(
@@ -93,9 +91,7 @@ def _board_services(board_env):
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and [p for p in pids if not _gone(p)]:
         time.sleep(0.1)
-    left = [p for p in pids if not _gone(p)] + [
-        bp.address for bp in procs if is_listening(*bp.address)
-    ]
+    left = [p for p in pids if not _gone(p)] + [bp.address for bp in procs if is_listening(*bp.address)]
     assert not left, f"board processes or ports left after stop(): {left}"
 
 

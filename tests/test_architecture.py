@@ -15,8 +15,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # where each source folder is installed (pyproject.toml's package-dir)
-PACKAGES = {"tvm_nested": REPO / "tvm_nested", "tvm_nested/relay_passes": REPO / "relay_passes",
-            "tvm_nested/schedules": REPO / "schedules"}
+PACKAGES = {
+    "tvm_nested": REPO / "tvm_nested",
+    "tvm_nested/relay_passes": REPO / "relay_passes",
+    "tvm_nested/schedules": REPO / "schedules",
+}
 
 
 def _sources():
@@ -77,18 +80,27 @@ def test_no_private_name_is_imported_from_another_module():
 
 def test_project_modules_are_imported_at_the_top():
     """A function-local import of the project's own code is a cycle being dodged."""
-    bad = [f"{path.relative_to(REPO)}:{line}: {source}"
-           for module, path in _sources()
-           for line, source, _, local in _imports(module, path)
-           if local and source.startswith("tvm_nested")]
+    bad = [
+        f"{path.relative_to(REPO)}:{line}: {source}"
+        for module, path in _sources()
+        for line, source, _, local in _imports(module, path)
+        if local and source.startswith("tvm_nested")
+    ]
     assert not bad, "function-local imports of project modules:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("module", ["tvm_nested", "tvm_nested.cli"])
 def test_importing_changes_no_environment_variable(module):
-    code = (f"import json, os; before = dict(os.environ); import {module}; "
-            "print(json.dumps({k: v for k, v in os.environ.items() if before.get(k) != v}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"})
+    code = (
+        f"import json, os; before = dict(os.environ); import {module}; "
+        "print(json.dumps({k: v for k, v in os.environ.items() if before.get(k) != v}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {}

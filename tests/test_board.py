@@ -29,9 +29,7 @@ ELF_MACHINE_AARCH64 = 183
 @I.ir_module
 class MatmulRelu:
     @R.function
-    def main(x: R.Tensor((8, 64), "float32"), w: R.Tensor((64, 32), "float32")) -> R.Tensor(
-        (8, 32), "float32"
-    ):
+    def main(x: R.Tensor((8, 64), "float32"), w: R.Tensor((64, 32), "float32")) -> R.Tensor((8, 32), "float32"):
         with R.dataflow():
             y = R.nn.relu(R.matmul(x, w))
             R.output(y)
@@ -147,7 +145,7 @@ def test_stop_kills_the_whole_process_group(fake_env):
 def test_server_that_dies_reports_its_log(fake_env):
     env, extra = fake_env
     extra.write_text("--crash")
-    with tb.Board(env) as board, pytest.raises(tb.BoardError, match="(?s)exited with code 3.*boom"):
+    with tb.Board(env) as board, pytest.raises(tb.BoardError, match=r"(?s)exited with code 3.*boom"):
         board.start_server(port=21000, port_end=21100)
 
 

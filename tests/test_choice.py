@@ -9,15 +9,22 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from ir_checks import run_pipeline
 from torch import nn
 
 import tvm_nested
-from ir_checks import run_pipeline
 from tvm_nested.authoring import nn as tnn
 from tvm_nested.schedules import NestedCSR, nested_conv2d, nested_conv2d_ref, schedule_cpu
-from tvm_nested.schedules.choice import (CHOICE_FILE, apply_choices, choose, kernel_key,
-                                         kernels_with_keys, load_choices, save_choices,
-                                         specialize_module)
+from tvm_nested.schedules.choice import (
+    CHOICE_FILE,
+    apply_choices,
+    choose,
+    kernel_key,
+    kernels_with_keys,
+    load_choices,
+    save_choices,
+    specialize_module,
+)
 from tvm_nested.schedules.kernels import dense_levels_of, specialize_conv
 
 HOST = tvm.target.Target("llvm")
@@ -26,11 +33,14 @@ HOST = tvm.target.Target("llvm")
 # ------------------------------------------------------------------------------- choice logic
 @pytest.mark.parametrize(
     "sparse,dense,expect",
-    [([1.0, 0.5, 0.2, 0.1], [0.6, 0.6, 0.6, 0.6], [1, 0, 0, 0]),  # dense wins at the densest level
-     ([1.0, 0.5, 0.2], [2.0, 2.0, 2.0], [0, 0, 0]),  # never
-     ([1.0, 0.5, 0.2], [0.1, 0.1, 0.1], [1, 1, 1]),  # always
-     ([1.0, 1.0], [0.95, 0.89], [0, 1])],  # within the 10 % margin: stays sparse
-    ids=["densest_only", "never", "always", "margin"])
+    [
+        ([1.0, 0.5, 0.2, 0.1], [0.6, 0.6, 0.6, 0.6], [1, 0, 0, 0]),  # dense wins at the densest level
+        ([1.0, 0.5, 0.2], [2.0, 2.0, 2.0], [0, 0, 0]),  # never
+        ([1.0, 0.5, 0.2], [0.1, 0.1, 0.1], [1, 1, 1]),  # always
+        ([1.0, 1.0], [0.95, 0.89], [0, 1]),
+    ],  # within the 10 % margin: stays sparse
+    ids=["densest_only", "never", "always", "margin"],
+)
 def test_choose_from_synthetic_timings(sparse, dense, expect):
     table = choose(sparse, dense)
     assert table.dtype == np.int8 and table.tolist() == expect
@@ -57,8 +67,10 @@ def _conv_case(levels=4, seed=3):
 
 def _run(func, fmt, x, bias, level):
     ex = tvm.compile(schedule_cpu(func, HOST), target=HOST)
-    args = [tvm.runtime.tensor(a) for a in [x, *fmt.arrays(), bias, np.array(level, np.int32),
-                                             np.zeros((1, 8, 5, 5), np.float32)]]
+    args = [
+        tvm.runtime.tensor(a)
+        for a in [x, *fmt.arrays(), bias, np.array(level, np.int32), np.zeros((1, 8, 5, 5), np.float32)]
+    ]
     ex["main"](*args)
     return args[-1].numpy()
 
@@ -107,14 +119,13 @@ class _Net(nn.Module):
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    model = tnn.nest(_Net().eval(), {"c1": (0.5, 0.2, 0.1), "c2": (0.5, 0.2, 0.1),
-                                     "fc": (0.5, 0.2, 0.1)}).eval()
+    model = tnn.nest(_Net().eval(), {"c1": (0.5, 0.2, 0.1), "c2": (0.5, 0.2, 0.1), "fc": (0.5, 0.2, 0.1)}).eval()
     x = torch.randn(1, 3, 8, 8)
     return model, x, tvm_nested.from_torch(model, (x,), {"level": torch.tensor(0)})
 
 
 def test_untuned_build_is_all_sparse_and_records_it(net):
-    model, x, mod = net
+    _model, _x, mod = net
     lib = tvm_nested.build(mod, "llvm")
     convs = [layer for layer in lib.info["layers"] if layer["op"] == "conv2d"]
     assert len(convs) == 2 and all(layer["dense_levels"] == [] for layer in convs)
@@ -128,8 +139,10 @@ def test_choice_table_from_log_is_compiled_in_and_recorded(net, tmp_path):
     kernels = kernels_with_keys(lowered)
     assert len(kernels) == 2
     (name0, _, _, key0), (name1, _, _, key1) = kernels
-    measured = {key0: {"name": name0, "table": [1, 0, 1], "sparse_s": [], "dense_s": []},
-                key1: {"name": name1, "table": [0, 0, 0], "sparse_s": [], "dense_s": []}}
+    measured = {
+        key0: {"name": name0, "table": [1, 0, 1], "sparse_s": [], "dense_s": []},
+        key1: {"name": name1, "table": [0, 0, 0], "sparse_s": [], "dense_s": []},
+    }
     from tvm_nested.schedules import tuning_log as tunelog
 
     tunelog.open_for_tuning(tmp_path, tvm_nested.parse_target("llvm"))  # as tune: manifest first
@@ -142,8 +155,7 @@ def test_choice_table_from_log_is_compiled_in_and_recorded(net, tmp_path):
 
     # build reads the table from the log directory (a tuning log with only the manifest + table)
     lib = tvm_nested.build(mod, "llvm", tuning_log=tmp_path)
-    recorded = {layer["kernel"]: layer["dense_levels"] for layer in lib.info["layers"]
-                if layer["op"] == "conv2d"}
+    recorded = {layer["kernel"]: layer["dense_levels"] for layer in lib.info["layers"] if layer["op"] == "conv2d"}
     assert recorded == {name0: [0, 2], name1: []}
     rt = lib.runtime()
     for level in range(lib.num_levels):

@@ -12,8 +12,10 @@ from tvm_nested.authoring import nn as tnn
 
 @pytest.fixture(scope="module")
 def pt2(tmp_path_factory):
-    model = tnn.nest(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)),
-                     {"0": [0.5, 0.2, 0.1], "3": [0.5, 0.3, 0.05]})
+    model = tnn.nest(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)),
+        {"0": [0.5, 0.2, 0.1], "3": [0.5, 0.3, 0.05]},
+    )
     ep = torch.export.export(model, (torch.randn(1, 3, 8, 8),), {"level": torch.tensor(0, dtype=torch.int32)})
     path = tmp_path_factory.mktemp("cli") / "model.pt2"
     torch.export.save(ep, str(path))

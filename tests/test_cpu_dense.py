@@ -48,10 +48,11 @@ def _module(kind: str) -> tvm.IRModule:
 def _inputs(kind: str):
     rng = np.random.default_rng(7)
     if kind == "conv_relu_pool":
-        return [rng.standard_normal((1, 3, 12, 12)).astype(np.float32),
-                rng.standard_normal((8, 3, 3, 3)).astype(np.float32)]
-    return [rng.standard_normal((1, 40)).astype(np.float32),
-            rng.standard_normal((24, 40)).astype(np.float32)]
+        return [
+            rng.standard_normal((1, 3, 12, 12)).astype(np.float32),
+            rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+        ]
+    return [rng.standard_normal((1, 40)).astype(np.float32), rng.standard_normal((24, 40)).astype(np.float32)]
 
 
 def _run(mod, args):

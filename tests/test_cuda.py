@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from ir_checks import run_pipeline, thread_tags
 from torch import nn
 
 import tvm_nested
-from ir_checks import run_pipeline, thread_tags
 from tvm_nested.authoring import nn as tnn
 from tvm_nested.schedules import NestedCSR, nested_conv2d, nested_linear
 from tvm_nested.schedules import reference as ref
@@ -82,18 +82,21 @@ def _cuda_source(executable) -> str:
 def _kernels(src: str) -> dict[str, dict]:
     """__global__ name -> {threads: launch bound, shared: bytes of static shared memory}."""
     out = {}
-    for m in re.finditer(r"__global__ void __launch_bounds__\((\d+)\) (\w+)\([^)]*\) \{(.*?)\n\}",
-                         src, re.S):
+    for m in re.finditer(r"__global__ void __launch_bounds__\((\d+)\) (\w+)\([^)]*\) \{(.*?)\n\}", src, re.S):
         shared = sum(
             {"float": 4, "int": 4, "half": 2, "uchar": 1, "ushort": 2}.get(t, 4) * int(n)
-            for t, n in re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\];", m.group(3)))
+            for t, n in re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\];", m.group(3))
+        )
         out[m.group(2)] = {"threads": int(m.group(1)), "shared": shared}
     return out
 
 
 def _nested_names(mod: tvm.IRModule) -> list[str]:
-    return [gv.name_hint for gv, f in mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "nested.op" in f.attrs]
+    return [
+        gv.name_hint
+        for gv, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "nested.op" in f.attrs
+    ]
 
 
 def _close(got, want, tol=1e-4):
@@ -107,9 +110,12 @@ class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=4), nn.ReLU(),
-            nn.Conv2d(32, 24, 1), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 24, 1),
+            nn.ReLU(),
         )
         self.head = nn.Linear(24 * 5 * 5, 10)
 
@@ -230,17 +236,25 @@ def test_unscheduled_kernel_gives_no_device_code():
     assert len(_cuda_modules(tvm.compile(schedule_cuda(func, tgt), target=tgt).mod)) == 1
 
 
-@pytest.mark.parametrize("arch,family", [("sm_90", "sm_90"), ("sm_89", "sm_80"), ("sm_80", "sm_80"),
-                                         ("sm_75", "sm_70"), ("sm_61", "generic")])
+@pytest.mark.parametrize(
+    "arch,family",
+    [("sm_90", "sm_90"), ("sm_89", "sm_80"), ("sm_80", "sm_80"), ("sm_75", "sm_70"), ("sm_61", "generic")],
+)
 def test_knob_table(arch, family):
     tgt = parse_target(f"cuda -arch={arch}")
     assert target_family(tgt) == family
     assert default_knobs(tgt) is CUDA_KNOBS[family]
 
 
-@pytest.mark.parametrize("bad,match", [({"lanes": 24}, "power of two"), ({"lanes": 64}, "power of two"),
-                                       ({"rows_per_block": 0}, "rows_per_block"),
-                                       ({"shared_fraction": 0.0}, "shared_fraction")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"lanes": 24}, "power of two"),
+        ({"lanes": 64}, "power of two"),
+        ({"rows_per_block": 0}, "rows_per_block"),
+        ({"shared_fraction": 0.0}, "shared_fraction"),
+    ],
+)
 def test_knob_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         CUDAKnobs(**bad)
@@ -390,7 +404,7 @@ def test_gpu_kernel_every_level(case, cuda_compile_path):
         x = rng.standard_normal((batch, cols)).astype(np.float32)
         out_shape = (batch, rows)
     else:
-        o, c, hw, k, s, p, g = CONV_CASES[case]
+        _o, c, hw, k, s, p, g = CONV_CASES[case]
         x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
         out_shape = tuple(int(d) for d in func.params[-1].ty.shape)
     bias = rng.standard_normal(fmt.rows).astype(np.float32)
@@ -402,8 +416,7 @@ def test_gpu_kernel_every_level(case, cuda_compile_path):
         if case in LINEAR_CASES:
             want = ref.nested_linear_ref(x, (w, lm), level, bias)
         else:
-            want = ref.nested_conv2d_ref(x, (w, lm), level, (k, k), (s, s), (p, p, p, p), (1, 1), g,
-                                         bias)
+            want = ref.nested_conv2d_ref(x, (w, lm), level, (k, k), (s, s), (p, p, p, p), (1, 1), g, bias)
         _close(got, want)
 
 
@@ -435,7 +448,7 @@ def test_gpu_squeezenet_every_level(squeezenet_case, cuda_compile_path):
 
     model, mod, _ = squeezenet_case
     lib = tvm_nested.build(mod, target={"kind": "cuda", "arch": _device_arch()})
-    (name, x), = example_input(model).items()
+    ((name, x),) = example_input(model).items()
     rt = lib.runtime(tvm.cuda(0))
     for level in range(lib.num_levels):
         (want,) = ort_run(model, {name: x}, level=level)

@@ -18,14 +18,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from nested_models import ConvLinear
 from torch import nn
 
 import tvm_nested
-from nested_models import ConvLinear
 from tvm_nested import deploy as dp
 from tvm_nested.authoring import nn as tnn
-from tvm_nested.deploy.board import BoardError
 from tvm_nested.cli import main as cli_main
+from tvm_nested.deploy.board import BoardError
 from tvm_nested.target import is_cross, parse_target
 
 pytestmark = pytest.mark.board
@@ -50,13 +50,29 @@ def nested(tmp_path_factory, aarch64_cc):
     host = tvm_nested.build(mod, "llvm").runtime()
     with torch.no_grad():
         ref = [model(x, level=torch.tensor(lvl)).numpy() for lvl in range(len(DENSITIES))]
-    return {"mod": mod, "x": x.numpy(), "lib": board_lib, "so": str(so), "host": host, "torch": ref,
-            "pt2": str(pt2), "root": root}
+    return {
+        "mod": mod,
+        "x": x.numpy(),
+        "lib": board_lib,
+        "so": str(so),
+        "host": host,
+        "torch": ref,
+        "pt2": str(pt2),
+        "root": root,
+    }
 
 
 # ----------------------------------------------------------------------------------- targets
-@pytest.mark.parametrize("target", ["rpi4", "rpi5", "jetson-orin-cpu", "raspberry-pi/4b-aarch64",
-                                    "llvm -mtriple=aarch64-linux-gnu -mattr=+neon -mcpu=cortex-a72"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "rpi4",
+        "rpi5",
+        "jetson-orin-cpu",
+        "raspberry-pi/4b-aarch64",
+        "llvm -mtriple=aarch64-linux-gnu -mattr=+neon -mcpu=cortex-a72",
+    ],
+)
 def test_board_targets_use_the_arm_neon_schedules(target):
     from tvm_nested.schedules.cpu import target_family
 
@@ -67,7 +83,10 @@ def test_board_targets_use_the_arm_neon_schedules(target):
 
 def test_preset_cpus():
     assert {p: str(parse_target(p).attrs["mcpu"]) for p in ("rpi4", "rpi5", "jetson-orin-cpu")} == {
-        "rpi4": "cortex-a72", "rpi5": "cortex-a76", "jetson-orin-cpu": "cortex-a78ae"}
+        "rpi4": "cortex-a72",
+        "rpi5": "cortex-a76",
+        "jetson-orin-cpu": "cortex-a78ae",
+    }
 
 
 def test_export_without_cross_libc_names_both_packages(nested, monkeypatch):
@@ -76,8 +95,9 @@ def test_export_without_cross_libc_names_both_packages(nested, monkeypatch):
     from tvm_nested import contract
 
     real = contract.CROSS_TOOLCHAINS["aarch64"]
-    monkeypatch.setitem(contract.CROSS_TOOLCHAINS, "aarch64",
-                        dataclasses.replace(real, libc_file="/nonexistent/crti.o"))
+    monkeypatch.setitem(
+        contract.CROSS_TOOLCHAINS, "aarch64", dataclasses.replace(real, libc_file="/nonexistent/crti.o")
+    )
     with pytest.raises(RuntimeError, match="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"):
         nested["lib"].export_library(nested["root"] / "never.so")
 
@@ -146,8 +166,23 @@ def test_rerouting_on_the_board(nested, board_server):
 # --------------------------------------------------------------------------------------- CLI
 def test_cli_deploy_compiles_uploads_and_times_every_level(nested, board_server, capsys):
     host, port = board_server.address
-    assert cli_main(["deploy", nested["pt2"], "--rpc", f"{host}:{port}", "--target", BOARD_TARGET,
-                     "--number", "2", "--repeat", "1"]) == 0
+    assert (
+        cli_main(
+            [
+                "deploy",
+                nested["pt2"],
+                "--rpc",
+                f"{host}:{port}",
+                "--target",
+                BOARD_TARGET,
+                "--number",
+                "2",
+                "--repeat",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "EMULATED" in out and "NOT performance numbers" in out and "cortex-a72" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -160,8 +195,9 @@ def test_cli_run_through_the_tracker(nested, board_tracker, capsys):
     import json
 
     host, port = board_tracker.address
-    assert cli_main(["run", nested["so"], "--tracker", f"{host}:{port}", "--key", board_tracker.key,
-                     "--repeat", "1"]) == 0
+    assert (
+        cli_main(["run", nested["so"], "--tracker", f"{host}:{port}", "--key", board_tracker.key, "--repeat", "1"]) == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [d["level"] for d in lines] == [0, 1, 2] and all(d["outputs"] == [[1, 10]] for d in lines)
     gc.collect()
@@ -179,8 +215,11 @@ def silent_port():
 
 @pytest.mark.parametrize("via", ["direct", "tracker"])
 def test_board_that_never_answers_fails_within_the_timeout(via, silent_port):
-    kw = {"rpc": ("127.0.0.1", silent_port)} if via == "direct" else {
-        "tracker": f"127.0.0.1:{silent_port}", "key": "rpi4"}
+    kw = (
+        {"rpc": ("127.0.0.1", silent_port)}
+        if via == "direct"
+        else {"tracker": f"127.0.0.1:{silent_port}", "key": "rpi4"}
+    )
     t0 = time.monotonic()
     with pytest.raises(BoardError, match="no answer within"):
         dp.connect(**kw, timeout=2)
@@ -217,16 +256,24 @@ def test_remote_tuning_log_is_reused_for_the_board_and_refused_elsewhere(board_t
     mod = tvm_nested.from_torch(model, (x,), {"level": torch.tensor(0)})
     log = tmp_path / "rpi4-log"
     host, port = board_tracker.address
-    report = tune(mod, BOARD_TARGET, log, max_trials=2, num_trials_per_iter=2, progress=False,
-                  runner=RPCSettings(tracker_host=host, tracker_port=port, key=board_tracker.key))
+    report = tune(
+        mod,
+        BOARD_TARGET,
+        log,
+        max_trials=2,
+        num_trials_per_iter=2,
+        progress=False,
+        runner=RPCSettings(tracker_host=host, tracker_port=port, key=board_tracker.key),
+    )
     (kernel,) = report.nested
     assert kernel.trials >= 2 and kernel.best_seconds > 0 and len(kernel.level_seconds) == 2
     lib = tvm_nested.build(mod, BOARD_TARGET, tuning_log=log)
     rt = dp.deploy(lib, tracker=board_tracker.address, key=board_tracker.key)
     with torch.no_grad():
         for lvl in range(2):
-            np.testing.assert_allclose(rt.run(x.numpy(), level=lvl)[0], model(x, level=torch.tensor(lvl)).numpy(),
-                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(
+                rt.run(x.numpy(), level=lvl)[0], model(x, level=torch.tensor(lvl)).numpy(), rtol=1e-4, atol=1e-5
+            )
     del rt  # the board's server is free for the next client once the session is collected
     gc.collect()
     for other in ("rpi5", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon", "llvm"):

@@ -4,6 +4,7 @@ PyTorch models are checked against PyTorch at every level; ONNX models (includin
 package's model-zoo architectures) against onnxruntime running the masked dense model.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -31,10 +32,15 @@ class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=32),
+            nn.ReLU(),
             nn.Sequential(nn.Conv2d(32, 24, 1), nn.ReLU()),
         )
         self.head = nn.Linear(24 * 6 * 6, 10)
@@ -74,7 +80,7 @@ def test_torch_model_every_level(torch_case):
 
 
 def test_levels_change_without_reload(torch_case):
-    model, x, lib = torch_case
+    _model, x, lib = torch_case
     rt = lib.runtime()
     outs = {lvl: rt.run(x.numpy(), level=lvl)[0] for lvl in (0, 3, 1, 0)}
     assert not np.allclose(outs[0], outs[3])
@@ -91,7 +97,7 @@ def test_every_nested_layer_lowered(torch_case):
 def test_densities_recorded(torch_case):
     _, _, lib = torch_case
     d = lib.densities
-    assert all(a >= b for a, b in zip(d, d[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(d))
     for got, want in zip(d, DENSITIES):
         assert abs(got - want) < 0.01
 
@@ -105,8 +111,14 @@ def test_storage_within_csr_yardstick(torch_case):
 
 @pytest.mark.parametrize(
     "level, match",
-    [(-1, "out of range"), (4, "out of range"), (1.5, "must be an integer"), ("2", "must be an integer"),
-     (True, "must be an integer"), (None, "must be an integer")],
+    [
+        (-1, "out of range"),
+        (4, "out of range"),
+        (1.5, "must be an integer"),
+        ("2", "must be an integer"),
+        (True, "must be an integer"),
+        (None, "must be an integer"),
+    ],
     ids=["minus-one", "L", "float", "string", "bool", "none"],
 )
 def test_bad_levels_raise(torch_case, level, match):
@@ -157,7 +169,7 @@ class _Wrap(nn.Module):
 
 
 def test_exported_library_in_fresh_process(torch_case, tmp_path):
-    model, x, lib = torch_case
+    _model, x, lib = torch_case
     so = lib.export_library(tmp_path / "model.so")
     np.save(tmp_path / "x.npy", x.numpy())
     script = (
@@ -167,8 +179,13 @@ def test_exported_library_in_fresh_process(torch_case, tmp_path):
         "outs = {l: rt.run(x, level=l)[0].tolist() for l in range(rt.num_levels)}\n"
         "print(json.dumps(outs))\n"
     )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     outs = json.loads(res.stdout.strip().splitlines()[-1])
     rt = lib.runtime()
@@ -188,9 +205,16 @@ def test_onnx_zoo_every_level(name):
     from tvm_nested.authoring.zoo import nested
 
     model = nested(name, densities=DENSITIES, seed=0)
-    inp = next(i for i in model.graph.input if i.name != "level"
-               and i.name not in {init.name for init in model.graph.initializer})
-    x = np.random.default_rng(0).standard_normal([d.dim_value for d in inp.type.tensor_type.shape.dim]).astype("float32")
+    inp = next(
+        i
+        for i in model.graph.input
+        if i.name != "level" and i.name not in {init.name for init in model.graph.initializer}
+    )
+    x = (
+        np.random.default_rng(0)
+        .standard_normal([d.dim_value for d in inp.type.tensor_type.shape.dim])
+        .astype("float32")
+    )
     lib = tvm_nested.build(tvm_nested.from_onnx(model), target="llvm")
     assert lib.num_levels == len(DENSITIES)
     assert lib.payload_bytes <= 1.1 * lib.csr_bytes

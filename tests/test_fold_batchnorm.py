@@ -41,9 +41,15 @@ def _assert_same_at_every_level(before, after, x, levels):
 @I.ir_module
 class DenseBefore:
     @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32"), W: R.Tensor((4, 3, 3, 3), "float32"),
-             B: R.Tensor((4,), "float32"), g: R.Tensor((4,), "float32"), b: R.Tensor((4,), "float32"),
-             m: R.Tensor((4,), "float32"), v: R.Tensor((4,), "float32")):
+    def main(
+        x: R.Tensor((1, 3, 6, 6), "float32"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        B: R.Tensor((4,), "float32"),
+        g: R.Tensor((4,), "float32"),
+        b: R.Tensor((4,), "float32"),
+        m: R.Tensor((4,), "float32"),
+        v: R.Tensor((4,), "float32"),
+    ):
         R.func_attr({"num_input": 1})
         with R.dataflow():
             y = R.nn.conv2d(x, W, padding=[1, 1, 1, 1])
@@ -90,13 +96,18 @@ def _nested_bn_module(spelling, W, LM, B, stats, bias_left=False):
                 w_eff = bb.emit(relax.op.where(ge, relax.const(W), bb.emit(relax.const(0.0, F32))))
             else:
                 mask = bb.emit(relax.op.astype(ge, F32))
-                w_eff = bb.emit(relax.op.multiply(relax.const(W), mask) if spelling == "mul_w_mask"
-                                else relax.op.multiply(mask, relax.const(W)))
+                w_eff = bb.emit(
+                    relax.op.multiply(relax.const(W), mask)
+                    if spelling == "mul_w_mask"
+                    else relax.op.multiply(mask, relax.const(W))
+                )
             y = bb.emit(relax.op.nn.conv2d(x, w_eff, padding=(1, 1, 1, 1)))
             if B is not None:
                 bias = relax.const(B.reshape(1, 4, 1, 1))
                 y = bb.emit(relax.op.add(bias, y) if bias_left else relax.op.add(y, bias))
-            bn = bb.emit(relax.op.nn.batch_norm(y, *[relax.const(s) for s in stats], axis=1, epsilon=EPS, training=False))
+            bn = bb.emit(
+                relax.op.nn.batch_norm(y, *[relax.const(s) for s in stats], axis=1, epsilon=EPS, training=False)
+            )
             out = bb.emit_output(relax.TupleGetItem(bn, 0))
         bb.emit_func_output(out)
     return bb.get()
@@ -114,8 +125,11 @@ def _nested_expected(spelling, W2, LM, b2):
                 w_eff = bb.emit(relax.op.where(ge, relax.const(W2), relax.const(0.0, F32)))
             else:
                 mask = bb.emit(relax.op.astype(ge, F32))
-                w_eff = bb.emit(relax.op.multiply(relax.const(W2), mask) if spelling == "mul_w_mask"
-                                else relax.op.multiply(mask, relax.const(W2)))
+                w_eff = bb.emit(
+                    relax.op.multiply(relax.const(W2), mask)
+                    if spelling == "mul_w_mask"
+                    else relax.op.multiply(mask, relax.const(W2))
+                )
             y = bb.emit(relax.op.nn.conv2d(x, w_eff, padding=(1, 1, 1, 1)))
             out = bb.emit_output(relax.op.add(y, relax.const(b2)))
         bb.emit_func_output(out)
@@ -159,11 +173,15 @@ def test_onnx_conv_bn_folded():
     W, B, stats = rng.standard_normal((4, 3, 3, 3)).astype(F32), rng.standard_normal(4).astype(F32), _stats(rng)
     names = ["g", "b", "m", "v"]
     graph = h.make_graph(
-        [h.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
-         h.make_node("BatchNormalization", ["c", *names], ["y"], epsilon=EPS)],
-        "bn", [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 6, 6])],
+        [
+            h.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+            h.make_node("BatchNormalization", ["c", *names], ["y"], epsilon=EPS),
+        ],
+        "bn",
+        [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 6, 6])],
         [h.make_tensor_value_info("y", TP.FLOAT, [1, 4, 6, 6])],
-        [nh.from_array(W, "W"), nh.from_array(B, "B")] + [nh.from_array(s, n) for s, n in zip(stats, names)])
+        [nh.from_array(W, "W"), nh.from_array(B, "B")] + [nh.from_array(s, n) for s, n in zip(stats, names)],
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     before = from_onnx(model)
@@ -177,9 +195,14 @@ def test_onnx_conv_bn_folded():
 @I.ir_module
 class BNAfterReluBefore:
     @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32"), W: R.Tensor((4, 3, 3, 3), "float32"),
-             g: R.Tensor((4,), "float32"), b: R.Tensor((4,), "float32"),
-             m: R.Tensor((4,), "float32"), v: R.Tensor((4,), "float32")):
+    def main(
+        x: R.Tensor((1, 3, 6, 6), "float32"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        g: R.Tensor((4,), "float32"),
+        b: R.Tensor((4,), "float32"),
+        m: R.Tensor((4,), "float32"),
+        v: R.Tensor((4,), "float32"),
+    ):
         with R.dataflow():
             y = R.nn.relu(R.nn.conv2d(x, W, padding=[1, 1, 1, 1]))
             bn = R.nn.batch_norm(y, g, b, m, v, axis=1, epsilon=1e-3, training=False)
@@ -191,11 +214,18 @@ class BNAfterReluBefore:
 @I.ir_module
 class NonConstantWeightBefore:
     @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32"), W: R.Tensor((4, 3, 3, 3), "float32"),
-             g: R.Tensor((4,), "float32"), b: R.Tensor((4,), "float32"),
-             m: R.Tensor((4,), "float32"), v: R.Tensor((4,), "float32")):
+    def main(
+        x: R.Tensor((1, 3, 6, 6), "float32"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        g: R.Tensor((4,), "float32"),
+        b: R.Tensor((4,), "float32"),
+        m: R.Tensor((4,), "float32"),
+        v: R.Tensor((4,), "float32"),
+    ):
         with R.dataflow():
-            bn = R.nn.batch_norm(R.nn.conv2d(x, W, padding=[1, 1, 1, 1]), g, b, m, v, axis=1, epsilon=1e-3, training=False)
+            bn = R.nn.batch_norm(
+                R.nn.conv2d(x, W, padding=[1, 1, 1, 1]), g, b, m, v, axis=1, epsilon=1e-3, training=False
+            )
             out = bn[0]
             R.output(out)
         return out
@@ -204,21 +234,31 @@ class NonConstantWeightBefore:
 @I.ir_module
 class TrainingBNBefore:
     @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32"), W: R.Tensor((4, 3, 3, 3), "float32"),
-             g: R.Tensor((4,), "float32"), b: R.Tensor((4,), "float32"),
-             m: R.Tensor((4,), "float32"), v: R.Tensor((4,), "float32")):
+    def main(
+        x: R.Tensor((1, 3, 6, 6), "float32"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        g: R.Tensor((4,), "float32"),
+        b: R.Tensor((4,), "float32"),
+        m: R.Tensor((4,), "float32"),
+        v: R.Tensor((4,), "float32"),
+    ):
         with R.dataflow():
-            bn = R.nn.batch_norm(R.nn.conv2d(x, W, padding=[1, 1, 1, 1]), g, b, m, v, axis=1, epsilon=1e-3, training=True)
+            bn = R.nn.batch_norm(
+                R.nn.conv2d(x, W, padding=[1, 1, 1, 1]), g, b, m, v, axis=1, epsilon=1e-3, training=True
+            )
             out = bn[0]
             R.output(out)
         return out
 
 
-@pytest.mark.parametrize("mod, bind_weight", [
-    pytest.param(BNAfterReluBefore, True, id="bn_not_after_conv"),
-    pytest.param(TrainingBNBefore, True, id="training_bn_uses_batch_statistics"),
-    pytest.param(NonConstantWeightBefore, False, id="weight_not_constant"),
-])
+@pytest.mark.parametrize(
+    "mod, bind_weight",
+    [
+        pytest.param(BNAfterReluBefore, True, id="bn_not_after_conv"),
+        pytest.param(TrainingBNBefore, True, id="training_bn_uses_batch_statistics"),
+        pytest.param(NonConstantWeightBefore, False, id="weight_not_constant"),
+    ],
+)
 def test_untouched(mod, bind_weight):
     rng = np.random.default_rng(4)
     arrays = dict(zip("gbmv", _stats(rng)))

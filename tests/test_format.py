@@ -92,8 +92,9 @@ def _realistic_level_map(rows, cols, density, num_levels, rng):
 
 
 @pytest.mark.parametrize("density", [0.5, 0.2, 0.1, 0.05], ids=lambda d: f"d{d}")
-@pytest.mark.parametrize("rows,cols", [(64, 576), (256, 2304), (1000, 2048)],
-                         ids=["resnet_conv3x3_64", "resnet_conv3x3_256", "fc_1000x2048"])
+@pytest.mark.parametrize(
+    "rows,cols", [(64, 576), (256, 2304), (1000, 2048)], ids=["resnet_conv3x3_64", "resnet_conv3x3_256", "fc_1000x2048"]
+)
 def test_storage_within_budget(rows, cols, density):
     rng = np.random.default_rng(rows * 7 + int(density * 100))
     lm = _realistic_level_map(rows, cols, density, 4, rng)
@@ -122,8 +123,15 @@ def test_format_version_is_an_int():
         (np.ones(6), np.zeros(6, np.int32), 2, "2-D"),
         (np.ones((0, 3)), np.zeros((0, 3), np.int32), 2, "zero"),
     ],
-    ids=["shape_mismatch", "float_level_map", "below_minus_one", "level_too_high", "zero_levels",
-         "not_2d", "empty_weight"],
+    ids=[
+        "shape_mismatch",
+        "float_level_map",
+        "below_minus_one",
+        "level_too_high",
+        "zero_levels",
+        "not_2d",
+        "empty_weight",
+    ],
 )
 def test_pack_rejects_bad_input(weight, level_map, num_levels, match):
     with pytest.raises(ValueError, match=match):

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import tvm
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
-
-import tvm
 from tvm import relax
+
 from tvm_nested.authoring import nn as tnn
 from tvm_nested.frontend import from_onnx, from_torch
 
@@ -103,7 +103,7 @@ def test_from_torch_refuses_bad_level(level, match):
 
 @pytest.mark.parametrize("bad", [None, "model.onnx", 3], ids=["none", "str", "int"])
 def test_from_torch_refuses_non_module(bad):
-    with pytest.raises(ValueError, match="expected a torch.nn.Module"):
+    with pytest.raises(ValueError, match=r"expected a torch\.nn\.Module"):
         from_torch(bad, ())
 
 
@@ -126,9 +126,12 @@ def _onnx_model(level_type=TensorProto.INT64, level_shape=(), name="level", opse
     if level_type != TensorProto.INT64 and level_type in (TensorProto.INT32,):
         lm = lm.astype(np.int32)
     g = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
-         helper.make_tensor_value_info(name, level_type, list(level_shape))],
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+            helper.make_tensor_value_info(name, level_type, list(level_shape)),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(lm, "lm")],
     )
@@ -195,7 +198,7 @@ def test_from_onnx_not_onnx(tmp_path):
 
 @pytest.mark.parametrize("bad", [None, 3, nn.Linear(2, 2)], ids=["none", "int", "torch-module"])
 def test_from_onnx_wrong_type(bad):
-    with pytest.raises(ValueError, match="expected an onnx.ModelProto or a path"):
+    with pytest.raises(ValueError, match=r"expected an onnx\.ModelProto or a path"):
         from_onnx(bad)
 
 

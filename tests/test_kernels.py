@@ -31,7 +31,7 @@ HOST = tvm.target.Target("llvm")
 AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
 VARIANTS = ["unscheduled", "scheduled"]
 # linear only: the interleaved partial-sum structure (kernels.with_lanes), unscheduled and scheduled
-LINEAR_VARIANTS = VARIANTS + ["lanes3_unscheduled", "lanes3_scheduled", "lanes1_scheduled"]
+LINEAR_VARIANTS = [*VARIANTS, "lanes3_unscheduled", "lanes3_scheduled", "lanes1_scheduled"]
 
 
 def _level_map(shape, num_levels, kind, rng):
@@ -81,7 +81,7 @@ LINEAR_CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _linear(case_id: str, variant: str):
     case = LINEAR_CASES[case_id]
     rng = np.random.default_rng(len(case_id) * 1009 + case.rows)
@@ -90,8 +90,7 @@ def _linear(case_id: str, variant: str):
     x = rng.standard_normal((case.batch, case.cols)).astype(np.float32)
     bias = rng.standard_normal(case.rows).astype(np.float32) if case.has_bias else None
     fmt = NestedCSR.pack(w, lm, case.num_levels)
-    func = nested_linear(fmt, case.batch, case.has_bias,
-                         lanes=3 if variant.startswith("lanes3") else 1)
+    func = nested_linear(fmt, case.batch, case.has_bias, lanes=3 if variant.startswith("lanes3") else 1)
     if variant.endswith("scheduled") and not variant.endswith("unscheduled"):
         knobs = CPU_KNOBS[target_family(HOST)]
         if variant == "lanes1_scheduled":  # the plain structure, scheduled
@@ -134,54 +133,53 @@ class ConvCase:
 CONV_CASES = {
     "3x3_pad1_bias": ConvCase((1, 4, 9, 9), 6, (3, 3), padding=(1, 1, 1, 1), has_bias=True),
     "1x1_odd": ConvCase((2, 5, 7, 11), 3, (1, 1)),
-    "stride2_asym_pad": ConvCase((1, 3, 10, 9), 4, (3, 3), strides=(2, 2), padding=(0, 1, 2, 0),
-                                 has_bias=True),
+    "stride2_asym_pad": ConvCase((1, 3, 10, 9), 4, (3, 3), strides=(2, 2), padding=(0, 1, 2, 0), has_bias=True),
     "dilation2": ConvCase((1, 2, 12, 10), 4, (3, 3), padding=(2, 2, 2, 2), dilation=(2, 2)),
     "groups2_5x3": ConvCase((1, 4, 8, 8), 6, (5, 3), padding=(2, 1, 2, 1), groups=2, has_bias=True),
-    "depthwise_3x3_s2": ConvCase((2, 6, 9, 9), 6, (3, 3), strides=(2, 2), padding=(1, 1, 1, 1),
-                                 groups=6),
+    "depthwise_3x3_s2": ConvCase((2, 6, 9, 9), 6, (3, 3), strides=(2, 2), padding=(1, 1, 1, 1), groups=6),
     "wide_row_70": ConvCase((1, 2, 3, 70), 3, (1, 3), padding=(0, 1, 0, 1)),  # OW > tile
-    "empty_rows": ConvCase((1, 3, 6, 6), 8, (3, 3), padding=(1, 1, 1, 1), kind="empty_rows",
-                           has_bias=True),
+    "empty_rows": ConvCase((1, 3, 6, 6), 8, (3, 3), padding=(1, 1, 1, 1), kind="empty_rows", has_bias=True),
     "all_pruned": ConvCase((1, 2, 5, 5), 3, (3, 3), has_bias=True, kind="all_pruned"),
     "layer_max_below_L": ConvCase((1, 3, 6, 5), 4, (2, 2), num_levels=5, kind="below_model_L"),
-    "stem_7x7_s2": ConvCase((1, 3, 15, 15), 4, (7, 7), strides=(2, 2), padding=(3, 3, 3, 3),
-                            has_bias=True),
-    "s3x2_d2x1": ConvCase((1, 2, 13, 12), 3, (3, 3), strides=(3, 2), padding=(1, 2, 1, 0),
-                          dilation=(2, 1)),
+    "stem_7x7_s2": ConvCase((1, 3, 15, 15), 4, (7, 7), strides=(2, 2), padding=(3, 3, 3, 3), has_bias=True),
+    "s3x2_d2x1": ConvCase((1, 2, 13, 12), 3, (3, 3), strides=(3, 2), padding=(1, 2, 1, 0), dilation=(2, 1)),
     "1x1_s2_14": ConvCase((1, 8, 14, 14), 8, (1, 1), strides=(2, 2), has_bias=True),
 }
 # conv only: the rows layout as built (unscheduled; schedule_cpu turns it into the flat one), the
 # flat layout unscheduled, and the dense path (scatter + dense conv) forced at some / every level
-CONV_VARIANTS = VARIANTS + ["flat_unscheduled", "flat_dense1_unscheduled", "flat_dense1_scheduled",
-                            "flat_dense_all_scheduled"]
+CONV_VARIANTS = [
+    *VARIANTS,
+    "flat_unscheduled",
+    "flat_dense1_unscheduled",
+    "flat_dense1_scheduled",
+    "flat_dense_all_scheduled",
+]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv(case_id: str, variant: str):
     c = CONV_CASES[case_id]
     rng = np.random.default_rng(len(case_id) * 7919 + c.out_channels)
-    n, ch, h, w_ = c.x_shape
+    _n, ch, _h, _w = c.x_shape
     kh, kw = c.kernel_size
     w = rng.standard_normal((c.out_channels, ch // c.groups, kh, kw)).astype(np.float32)
     lm = _level_map(w.shape, c.num_levels, c.kind, rng)
     x = rng.standard_normal(c.x_shape).astype(np.float32)
     bias = rng.standard_normal(c.out_channels).astype(np.float32) if c.has_bias else None
     fmt = NestedCSR.pack(w.reshape(c.out_channels, -1), lm.reshape(c.out_channels, -1), c.num_levels)
-    func = nested_conv2d(fmt, c.x_shape, c.kernel_size, c.strides, c.padding, c.dilation, c.groups,
-                         c.has_bias)
+    func = nested_conv2d(fmt, c.x_shape, c.kernel_size, c.strides, c.padding, c.dilation, c.groups, c.has_bias)
     if variant.startswith("flat"):
         dense = {"dense1": [min(1, c.num_levels - 1)], "dense_all": list(range(c.num_levels))}
-        func = specialize_conv(func, "flat", dense_levels=next(
-            (v for k, v in dense.items() if f"_{k}_" in variant), []))
+        func = specialize_conv(
+            func, "flat", dense_levels=next((v for k, v in dense.items() if f"_{k}_" in variant), [])
+        )
         assert dense_levels_of(func) == next((v for k, v in dense.items() if f"_{k}_" in variant), [])
     if variant.endswith("scheduled") and not variant.endswith("unscheduled"):
         func = schedule_cpu(func, HOST)
         assert func is not None
         assert str(func.attrs["nested.layout"]) == "flat"
     ex = tvm.compile(func, target=HOST)
-    out_shape = conv2d_output_shape(c.x_shape, c.out_channels, c.kernel_size, c.strides, c.padding,
-                                    c.dilation)
+    out_shape = conv2d_output_shape(c.x_shape, c.out_channels, c.kernel_size, c.strides, c.padding, c.dilation)
 
     def call(level: int):
         args = [x, *fmt.arrays()] + ([bias] if c.has_bias else [])
@@ -196,19 +194,21 @@ def _conv(case_id: str, variant: str):
 def test_conv2d_every_level(case_id, variant):
     call, (x, w, lm, bias), c = _conv(case_id, variant)
     for level in range(c.num_levels):
-        ref = nested_conv2d_ref(x, (w, lm), level, c.kernel_size, c.strides, c.padding, c.dilation,
-                                c.groups, bias)
+        ref = nested_conv2d_ref(x, (w, lm), level, c.kernel_size, c.strides, c.padding, c.dilation, c.groups, bias)
         _assert_close(call(level), ref)
 
 
 # ------------------------------------------------------------------------ out-of-range levels
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("level,clamped", [(99, "top"), (-5, "bottom"), (2**31 - 1, "top")],
-                         ids=["99", "-5", "int32_max"])
+@pytest.mark.parametrize(
+    "level,clamped", [(99, "top"), (-5, "bottom"), (2**31 - 1, "top")], ids=["99", "-5", "int32_max"]
+)
 def test_out_of_range_level_is_clamped(level, clamped, variant):
     """The caller refuses bad levels; the kernel itself must stay memory-safe (it clamps)."""
-    for call, case in [(_linear("batch5_odd_13x300", variant)[0], LINEAR_CASES["batch5_odd_13x300"]),
-                       (_conv("3x3_pad1_bias", variant)[0], CONV_CASES["3x3_pad1_bias"])]:
+    for call, case in [
+        (_linear("batch5_odd_13x300", variant)[0], LINEAR_CASES["batch5_odd_13x300"]),
+        (_conv("3x3_pad1_bias", variant)[0], CONV_CASES["3x3_pad1_bias"]),
+    ]:
         expect = call(case.num_levels - 1 if clamped == "top" else 0)
         np.testing.assert_array_equal(call(level), expect)
 
@@ -237,10 +237,12 @@ def test_compiles_for_aarch64_neon(op):
 
 @pytest.mark.parametrize(
     "target,family",
-    [({"kind": "llvm", "mcpu": "icelake-server"}, "x86-avx512"),
-     ({"kind": "llvm", "mcpu": "haswell"}, "x86-avx2"),
-     ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "arm-neon"),
-     ("raspberry-pi/4b-aarch64", "arm-neon")],
+    [
+        ({"kind": "llvm", "mcpu": "icelake-server"}, "x86-avx512"),
+        ({"kind": "llvm", "mcpu": "haswell"}, "x86-avx2"),
+        ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "arm-neon"),
+        ("raspberry-pi/4b-aarch64", "arm-neon"),
+    ],
     ids=["avx512", "avx2", "neon", "rpi4_tag"],
 )
 def test_target_family_table(target, family):
@@ -271,8 +273,7 @@ def test_kernel_attrs():
         assert func.attrs["nested.op"] == op
         assert int(func.attrs["nested.num_levels"]) == 3
         assert bool(func.attrs["tirx.noalias"])  # the key TVM 0.27 reads
-    assert [p.name for p in conv.params] == ["x", "val", "col", "row_ptr", "level_len", "bias",
-                                            "level", "out"]
+    assert [p.name for p in conv.params] == ["x", "val", "col", "row_ptr", "level_len", "bias", "level", "out"]
 
 
 # ------------------------------------------------------------------------ factory argument errors
@@ -281,8 +282,12 @@ _FMT = NestedCSR.pack(np.ones((4, 18), np.float32), np.zeros((4, 18), np.int32),
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"batch": 0}, "batch"), ({"batch": 2.5}, "batch"), ({"has_bias": 1}, "has_bias"),
-     ({"fmt": np.ones((4, 18))}, "NestedCSR")],
+    [
+        ({"batch": 0}, "batch"),
+        ({"batch": 2.5}, "batch"),
+        ({"has_bias": 1}, "has_bias"),
+        ({"fmt": np.ones((4, 18))}, "NestedCSR"),
+    ],
     ids=["batch_zero", "batch_float", "has_bias_int", "fmt_array"],
 )
 def test_linear_rejects_bad_arguments(kwargs, match):
@@ -293,16 +298,37 @@ def test_linear_rejects_bad_arguments(kwargs, match):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"x_shape": (1, 2, 6)}, "x_shape"), ({"groups": 4}, "groups=4"),
-     ({"x_shape": (1, 3, 6, 6)}, "fmt.cols"), ({"strides": (0, 1)}, "strides"),
-     ({"padding": (1, 1, -1, 1)}, "padding"), ({"x_shape": (1, 2, 2, 2)}, "output size"),
-     ({"dilation": (1,)}, "dilation")],
-    ids=["x_rank", "groups_not_dividing", "cols_mismatch", "zero_stride", "negative_padding",
-         "empty_output", "dilation_len"],
+    [
+        ({"x_shape": (1, 2, 6)}, "x_shape"),
+        ({"groups": 4}, "groups=4"),
+        ({"x_shape": (1, 3, 6, 6)}, "fmt.cols"),
+        ({"strides": (0, 1)}, "strides"),
+        ({"padding": (1, 1, -1, 1)}, "padding"),
+        ({"x_shape": (1, 2, 2, 2)}, "output size"),
+        ({"dilation": (1,)}, "dilation"),
+    ],
+    ids=[
+        "x_rank",
+        "groups_not_dividing",
+        "cols_mismatch",
+        "zero_stride",
+        "negative_padding",
+        "empty_output",
+        "dilation_len",
+    ],
 )
 def test_conv2d_rejects_bad_arguments(kwargs, match):
-    args = {"fmt": _FMT, "x_shape": (1, 2, 6, 6), "kernel_size": (3, 3), "strides": (1, 1),
-            "padding": (0, 0, 0, 0), "dilation": (1, 1), "groups": 1, "has_bias": False, **kwargs}
+    args = {
+        "fmt": _FMT,
+        "x_shape": (1, 2, 6, 6),
+        "kernel_size": (3, 3),
+        "strides": (1, 1),
+        "padding": (0, 0, 0, 0),
+        "dilation": (1, 1),
+        "groups": 1,
+        "has_bias": False,
+        **kwargs,
+    }
     with pytest.raises(ValueError, match=match):
         nested_conv2d(**args)
 
@@ -324,8 +350,7 @@ def test_schedule_cpu_picks_lanes_by_batch(batch, lanes):
     knobs = CPU_KNOBS["x86-avx2"]
     assert linear_lanes(batch, knobs) == lanes
     fmt = NestedCSR.pack(np.ones((8, 40), np.float32), np.zeros((8, 40), np.int32), 1)
-    func = schedule_cpu(nested_linear(fmt, batch, False), tvm.target.Target(
-        {"kind": "llvm", "mcpu": "haswell"}))
+    func = schedule_cpu(nested_linear(fmt, batch, False), tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
     assert int(func.attrs["nested.lanes"]) == lanes
     assert ('sblock("tail_update")' in func.script()) == (lanes > 1)
 
@@ -336,8 +361,7 @@ def test_with_lanes_keeps_signature_and_attrs():
     fmt = NestedCSR.pack(np.ones((6, 30), np.float32), np.zeros((6, 30), np.int32), 2)
     plain = nested_linear(fmt, 3, True)
     lanes = with_lanes(plain, 4)
-    assert [(p.name, str(p.ty.shape)) for p in plain.params] == \
-        [(p.name, str(p.ty.shape)) for p in lanes.params]
+    assert [(p.name, str(p.ty.shape)) for p in plain.params] == [(p.name, str(p.ty.shape)) for p in lanes.params]
     assert int(lanes.attrs["nested.lanes"]) == 4 and int(plain.attrs["nested.lanes"]) == 1
     tvm.ir.assert_structural_equal(with_lanes(lanes, 1), plain)
     with pytest.raises(ValueError, match="lanes"):

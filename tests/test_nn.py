@@ -58,8 +58,10 @@ def test_level_reaches_layers_inside_containers():
     nested = tnn.nest(_dense_model(), {n: DENSITIES for n in NAMES})
     assert [n for n, _ in nested.nested_layers()] == NAMES
     seen = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, int(mod.level)))
-             for n, m in nested.nested_layers()]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, int(mod.level)))
+        for n, m in nested.nested_layers()
+    ]
     nested(torch.zeros(1, 3, 5, 5), level=torch.tensor(2))
     for h in hooks:
         h.remove()
@@ -131,8 +133,11 @@ def test_levelmap_from_masks_refuses_shape_mismatch():
 
 @pytest.mark.parametrize(
     "lm,match",
-    [(np.zeros((2, 2), np.float32), "integer"), (np.zeros((3, 2), np.int32), "shape"),
-     (np.full((2, 2), -2, np.int32), "-2")],
+    [
+        (np.zeros((2, 2), np.float32), "integer"),
+        (np.zeros((3, 2), np.int32), "shape"),
+        (np.full((2, 2), -2, np.int32), "-2"),
+    ],
     ids=["float", "shape", "below-minus-one"],
 )
 def test_check_levelmap_errors(lm, match):
@@ -153,10 +158,10 @@ def test_levelmap_by_magnitude_densities_exact(shape, dens, seed):
     n = w.size
     for lvl, d in enumerate(dens):
         keep = lm >= lvl
-        assert keep.sum() == int(round(d * n))
+        assert keep.sum() == round(d * n)
         if keep.any() and (~keep).any():  # magnitude: every kept weight at least as large as every pruned one
             assert np.abs(w[keep]).min() >= np.abs(w[~keep]).max()
-    assert lmod.densities(lm, len(dens)) == pytest.approx([int(round(d * n)) / n for d in dens])
+    assert lmod.densities(lm, len(dens)) == pytest.approx([round(d * n) / n for d in dens])
 
 
 @pytest.mark.parametrize("dens", [[0.2, 0.5], [1.5], []], ids=["increasing", "above-one", "empty"])

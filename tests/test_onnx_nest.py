@@ -32,14 +32,19 @@ def _dense_model(opset=17):
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["g"], transB=1),
         helper.make_node("MatMul", ["g", "mm_w"], ["y"]),
     ]
-    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-                          [numpy_helper.from_array(v, k) for k, v in w.items()])
+    g = helper.make_graph(
+        nodes,
+        "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(v, k) for k, v in w.items()],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def _numpy_forward(x, w, lms, level):
     """The model in NumPy with every nested weight W * (LM >= level)."""
+
     def eff(name):
         return w[name] * (lms[name] >= level) if name in lms else w[name]
 
@@ -48,7 +53,7 @@ def _numpy_forward(x, w, lms, level):
     c = np.zeros((n, 4, 5, 5), np.float64)
     for i in range(5):
         for j in range(5):
-            c[:, :, i, j] = np.einsum("nchw,ochw->no", xp[:, :, i:i + 3, j:j + 3], cw)
+            c[:, :, i, j] = np.einsum("nchw,ochw->no", xp[:, :, i : i + 3, j : j + 3], cw)
     c += w["conv_b"][None, :, None, None]
     f = np.maximum(c, 0).reshape(n, -1)
     g = f @ eff("fc_w").T + w["fc_b"]
@@ -94,8 +99,12 @@ def test_masked_dense_onnx_matches_nested():
 
 @pytest.mark.parametrize(
     "kwargs,nested",
-    [({"keep_first_dense": True}, ["fc_w", "mm_w"]), ({"keep_last_dense": True}, ["conv_w", "fc_w"]),
-     ({"keep_first_dense": True, "keep_last_dense": True}, ["fc_w"]), ({"layers": ["fc_w"]}, ["fc_w"])],
+    [
+        ({"keep_first_dense": True}, ["fc_w", "mm_w"]),
+        ({"keep_last_dense": True}, ["conv_w", "fc_w"]),
+        ({"keep_first_dense": True, "keep_last_dense": True}, ["fc_w"]),
+        ({"layers": ["fc_w"]}, ["fc_w"]),
+    ],
     ids=["first", "last", "both", "layers"],
 )
 def test_keep_dense_options(kwargs, nested):
@@ -113,8 +122,9 @@ def test_explicit_level_maps_and_masks():
     np.testing.assert_array_equal(on.nested_level_maps(a)["fc_w"], lm)
     np.testing.assert_array_equal(on.nested_level_maps(b)["fc_w"], lm)
     for level in range(4):
-        np.testing.assert_allclose(on.ort_run(a, X, level)[0], _numpy_forward(X, w, {"fc_w": lm}, level),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            on.ort_run(a, X, level)[0], _numpy_forward(X, w, {"fc_w": lm}, level), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_old_opset_is_converted():
@@ -125,10 +135,14 @@ def test_old_opset_is_converted():
 
 @pytest.mark.parametrize(
     "args,kwargs,match",
-    [((), {}, "exactly one of"), (({"conv_w": DENS},), {"densities": DENS}, "exactly one of"),
-     (({"nope": DENS},), {}, r"\['nope'\] are not weights"), (({"conv_w": np.zeros((2, 2), np.int32)},), {}, "shape"),
-     ((), {"densities": DENS, "level_dtype": "float32"}, "level_dtype"),
-     ((), {"densities": DENS, "layers": ["fc_b"]}, "not prunable")],
+    [
+        ((), {}, "exactly one of"),
+        (({"conv_w": DENS},), {"densities": DENS}, "exactly one of"),
+        (({"nope": DENS},), {}, r"\['nope'\] are not weights"),
+        (({"conv_w": np.zeros((2, 2), np.int32)},), {}, "shape"),
+        ((), {"densities": DENS, "level_dtype": "float32"}, "level_dtype"),
+        ((), {"densities": DENS, "layers": ["fc_b"]}, "not prunable"),
+    ],
     ids=["none", "both", "unknown-weight", "bad-levelmap", "bad-level-dtype", "bias-layer"],
 )
 def test_nest_onnx_errors(args, kwargs, match):

@@ -86,7 +86,7 @@ def _mask_spelling(spelling: str, bb, W, LM, level):
     """W_eff for W (const array) and LM (int64 array) in one of the frontends' spellings."""
     w = relax.const(W)
     lm = relax.const(LM)
-    ge = lambda lm_e, lvl_e: bb.emit(relax.op.greater_equal(lm_e, lvl_e))  # noqa: E731
+    ge = lambda lm_e, lvl_e: bb.emit(relax.op.greater_equal(lm_e, lvl_e))
     if spelling == "mul_w_mask":
         return bb.emit(relax.op.multiply(w, bb.emit(relax.op.astype(ge(lm, level), F32))))
     if spelling == "mul_mask_w":
@@ -116,8 +116,17 @@ def _mask_spelling(spelling: str, bb, W, LM, level):
     raise AssertionError(spelling)
 
 
-MASK_SPELLINGS = ["mul_w_mask", "mul_mask_w", "level_le_lm", "where_scalar_zero", "where_full_like",
-                  "where_zeros", "cast_level_map", "cast_level", "two_casts"]
+MASK_SPELLINGS = [
+    "mul_w_mask",
+    "mul_mask_w",
+    "level_le_lm",
+    "where_scalar_zero",
+    "where_full_like",
+    "where_zeros",
+    "cast_level_map",
+    "cast_level",
+    "two_casts",
+]
 
 X_CONV, W_CONV = (1, 3, 6, 6), (4, 3, 3, 3)
 CONV_ATTRS = dict(strides=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1)
@@ -125,9 +134,13 @@ CONV_ATTRS = dict(strides=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=
 
 def _conv_before(spelling, W, LM):
     bb = relax.BlockBuilder()
-    return _main(bb, [_var("x", X_CONV), _var("level", (), "int64")],
-                 lambda bb, x, level: relax.op.nn.conv2d(x, _mask_spelling(spelling, bb, W, LM, level),
-                                                         strides=(1, 1), padding=(1, 1, 1, 1)))
+    return _main(
+        bb,
+        [_var("x", X_CONV), _var("level", (), "int64")],
+        lambda bb, x, level: relax.op.nn.conv2d(
+            x, _mask_spelling(spelling, bb, W, LM, level), strides=(1, 1), padding=(1, 1, 1, 1)
+        ),
+    )
 
 
 def _conv_expected(W, LM, num_levels):
@@ -163,9 +176,13 @@ def test_conv_mask_spelling_numerics(spelling):
 @I.ir_module
 class ConvBiasBefore:
     @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32"), level: R.Tensor((), "int64"),
-             W: R.Tensor((4, 3, 3, 3), "float32"), LM: R.Tensor((4, 3, 3, 3), "int64"),
-             B: R.Tensor((4,), "float32")):
+    def main(
+        x: R.Tensor((1, 3, 6, 6), "float32"),
+        level: R.Tensor((), "int64"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        LM: R.Tensor((4, 3, 3, 3), "int64"),
+        B: R.Tensor((4,), "float32"),
+    ):
         R.func_attr({"num_input": 2})
         with R.dataflow():
             mask = R.astype(R.greater_equal(LM, level), "float32")
@@ -189,8 +206,9 @@ def test_conv_bias_fused_into_kernel():
         lvl = bb.emit(relax.op.astype(level, "int32"))
         return _kernel_call(bb, kernel, "nested_conv2d", x, fmt, B, lvl, relax.TensorType(out_shape, F32))
 
-    expected = _main(relax.BlockBuilder(), [_var("x", X_CONV), _var("level", (), "int64")], body,
-                     attrs={"num_input": 2})
+    expected = _main(
+        relax.BlockBuilder(), [_var("x", X_CONV), _var("level", (), "int64")], body, attrs={"num_input": 2}
+    )
     tvm.ir.assert_structural_equal(_functions_only(after), expected)
     _assert_same_at_every_level(before, after, [rng.standard_normal(X_CONV).astype(F32)], int(LM.max()) + 1)
 
@@ -201,9 +219,13 @@ def test_grouped_conv_numerics():
     W, LM = rng.standard_normal(w_shape).astype(F32), _level_map(rng, w_shape, top=3)
     x_shape = (2, 4, 5, 5)
     bb = relax.BlockBuilder()
-    before = _main(bb, [_var("x", x_shape), _var("level", (), "int64")],
-                   lambda bb, x, level: relax.op.nn.conv2d(
-                       x, _mask_spelling("mul_w_mask", bb, W, LM, level), padding=(1, 1, 1, 1), groups=2))
+    before = _main(
+        bb,
+        [_var("x", x_shape), _var("level", (), "int64")],
+        lambda bb, x, level: relax.op.nn.conv2d(
+            x, _mask_spelling("mul_w_mask", bb, W, LM, level), padding=(1, 1, 1, 1), groups=2
+        ),
+    )
     after = LowerNestedLayers()(before)
     assert "relax.nn.conv2d" not in after["main"].script()
     _assert_same_at_every_level(before, after, [rng.standard_normal(x_shape).astype(F32)], 4)
@@ -266,12 +288,15 @@ def test_linear_spelling_lowered(case):
     tvm.ir.assert_structural_equal(_functions_only(after), _linear_expected(x_shape, W, LM, B, transposed))
 
 
-@pytest.mark.parametrize("case", ["linear_bias_left", "matmul_rank3_bias"], ids=["linear_bias_left", "matmul_rank3_bias"])
+@pytest.mark.parametrize(
+    "case", ["linear_bias_left", "matmul_rank3_bias"], ids=["linear_bias_left", "matmul_rank3_bias"]
+)
 def test_linear_spelling_numerics(case):
     rng = np.random.default_rng(5)
-    before, x_shape, W, LM, *_ = _linear_case(case, rng)
-    _assert_same_at_every_level(before, LowerNestedLayers()(before),
-                                [rng.standard_normal(x_shape).astype(F32)], int(LM.max()) + 1)
+    before, x_shape, _W, LM, *_ = _linear_case(case, rng)
+    _assert_same_at_every_level(
+        before, LowerNestedLayers()(before), [rng.standard_normal(x_shape).astype(F32)], int(LM.max()) + 1
+    )
 
 
 def test_bias_add_with_other_use_not_fused():
@@ -296,8 +321,12 @@ def test_bias_add_with_other_use_not_fused():
 @I.ir_module
 class DenseBefore:
     @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32"), level: R.Tensor((), "int64"),
-             W: R.Tensor((4, 3, 3, 3), "float32"), V: R.Tensor((5, 144), "float32")):
+    def main(
+        x: R.Tensor((1, 3, 6, 6), "float32"),
+        level: R.Tensor((), "int64"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        V: R.Tensor((5, 144), "float32"),
+    ):
         R.func_attr({"num_input": 2})
         with R.dataflow():
             y = R.nn.conv2d(x, W, padding=[1, 1, 1, 1])
@@ -312,8 +341,12 @@ class StaticMaskBefore:
     """A mask that does not involve `level` (a static pruning mask): not a nested layer."""
 
     @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32"), level: R.Tensor((), "int64"),
-             W: R.Tensor((4, 3, 3, 3), "float32"), LM: R.Tensor((4, 3, 3, 3), "int64")):
+    def main(
+        x: R.Tensor((1, 3, 6, 6), "float32"),
+        level: R.Tensor((), "int64"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        LM: R.Tensor((4, 3, 3, 3), "int64"),
+    ):
         R.func_attr({"num_input": 2})
         with R.dataflow():
             mask = R.astype(R.greater_equal(LM, R.const(1, "int64")), "float32")
@@ -322,14 +355,24 @@ class StaticMaskBefore:
         return y
 
 
-@pytest.mark.parametrize("before", [
-    pytest.param(lambda rng: relax.transform.BindParams("main", {
-        "W": rng.standard_normal((4, 3, 3, 3)).astype(F32),
-        "V": rng.standard_normal((5, 144)).astype(F32)})(DenseBefore), id="dense_conv_and_linear"),
-    pytest.param(lambda rng: relax.transform.BindParams("main", {
-        "W": rng.standard_normal((4, 3, 3, 3)).astype(F32),
-        "LM": _level_map(rng, (4, 3, 3, 3))})(StaticMaskBefore), id="mask_without_level"),
-])
+@pytest.mark.parametrize(
+    "before",
+    [
+        pytest.param(
+            lambda rng: relax.transform.BindParams(
+                "main",
+                {"W": rng.standard_normal((4, 3, 3, 3)).astype(F32), "V": rng.standard_normal((5, 144)).astype(F32)},
+            )(DenseBefore),
+            id="dense_conv_and_linear",
+        ),
+        pytest.param(
+            lambda rng: relax.transform.BindParams(
+                "main", {"W": rng.standard_normal((4, 3, 3, 3)).astype(F32), "LM": _level_map(rng, (4, 3, 3, 3))}
+            )(StaticMaskBefore),
+            id="mask_without_level",
+        ),
+    ],
+)
 def test_untouched(before):
     mod = before(np.random.default_rng(7))
     with warnings.catch_warnings():
@@ -343,8 +386,12 @@ def test_untouched(before):
 @I.ir_module
 class WeightParamBefore:
     @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32"), level: R.Tensor((), "int64"),
-             W: R.Tensor((4, 3, 3, 3), "float32"), LM: R.Tensor((4, 3, 3, 3), "int64")):
+    def main(
+        x: R.Tensor((1, 3, 6, 6), "float32"),
+        level: R.Tensor((), "int64"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        LM: R.Tensor((4, 3, 3, 3), "int64"),
+    ):
         with R.dataflow():
             mask = R.astype(R.greater_equal(LM, level), "float32")
             y = R.nn.conv2d(x, R.multiply(W, mask), padding=[1, 1, 1, 1])
@@ -355,8 +402,12 @@ class WeightParamBefore:
 @I.ir_module
 class BroadcastLevelMapBefore:
     @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32"), level: R.Tensor((), "int64"),
-             W: R.Tensor((4, 3, 3, 3), "float32"), LM: R.Tensor((4, 1, 1, 1), "int64")):
+    def main(
+        x: R.Tensor((1, 3, 6, 6), "float32"),
+        level: R.Tensor((), "int64"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        LM: R.Tensor((4, 1, 1, 1), "int64"),
+    ):
         with R.dataflow():
             mask = R.astype(R.greater_equal(LM, level), "float32")
             y = R.nn.conv2d(x, R.multiply(W, mask), padding=[1, 1, 1, 1])
@@ -367,8 +418,12 @@ class BroadcastLevelMapBefore:
 @I.ir_module
 class FloatLevelMapBefore:
     @R.function
-    def main(x: R.Tensor((2, 8), "float32"), level: R.Tensor((), "int64"),
-             W: R.Tensor((5, 8), "float32"), LM: R.Tensor((5, 8), "float32")):
+    def main(
+        x: R.Tensor((2, 8), "float32"),
+        level: R.Tensor((), "int64"),
+        W: R.Tensor((5, 8), "float32"),
+        LM: R.Tensor((5, 8), "float32"),
+    ):
         with R.dataflow():
             mask = R.astype(R.greater_equal(LM, R.astype(level, "float32")), "float32")
             y = R.matmul(x, R.permute_dims(R.multiply(mask, W), axes=[1, 0]))
@@ -376,15 +431,29 @@ class FloatLevelMapBefore:
         return y
 
 
-@pytest.mark.parametrize("mod, binds, match", [
-    pytest.param(WeightParamBefore, {"LM": np.zeros((4, 3, 3, 3), "int64")},
-                 r"conv2d_0 \(y\).*weight is not a constant", id="weight_not_constant"),
-    pytest.param(BroadcastLevelMapBefore, {"W": np.ones((4, 3, 3, 3), F32), "LM": np.zeros((4, 1, 1, 1), "int64")},
-                 r"conv2d_0 \(y\).*level map shape \(4, 1, 1, 1\) differs from the weight shape \(4, 3, 3, 3\)",
-                 id="level_map_shape"),
-    pytest.param(FloatLevelMapBefore, {"W": np.ones((5, 8), F32), "LM": np.zeros((5, 8), F32)},
-                 r"linear_0 \(y\).*level map is not an integer tensor", id="level_map_not_integer"),
-])
+@pytest.mark.parametrize(
+    "mod, binds, match",
+    [
+        pytest.param(
+            WeightParamBefore,
+            {"LM": np.zeros((4, 3, 3, 3), "int64")},
+            r"conv2d_0 \(y\).*weight is not a constant",
+            id="weight_not_constant",
+        ),
+        pytest.param(
+            BroadcastLevelMapBefore,
+            {"W": np.ones((4, 3, 3, 3), F32), "LM": np.zeros((4, 1, 1, 1), "int64")},
+            r"conv2d_0 \(y\).*level map shape \(4, 1, 1, 1\) differs from the weight shape \(4, 3, 3, 3\)",
+            id="level_map_shape",
+        ),
+        pytest.param(
+            FloatLevelMapBefore,
+            {"W": np.ones((5, 8), F32), "LM": np.zeros((5, 8), F32)},
+            r"linear_0 \(y\).*level map is not an integer tensor",
+            id="level_map_not_integer",
+        ),
+    ],
+)
 def test_malformed_nested_layer_raises(mod, binds, match):
     mod = relax.transform.BindParams("main", binds)(mod)
     with pytest.raises(ValueError, match=match):
@@ -394,8 +463,12 @@ def test_malformed_nested_layer_raises(mod, binds, match):
 @I.ir_module
 class NHWCBefore:
     @R.function
-    def main(x: R.Tensor((1, 6, 6, 3), "float32"), level: R.Tensor((), "int64"),
-             W: R.Tensor((4, 3, 3, 3), "float32"), LM: R.Tensor((4, 3, 3, 3), "int64")):
+    def main(
+        x: R.Tensor((1, 6, 6, 3), "float32"),
+        level: R.Tensor((), "int64"),
+        W: R.Tensor((4, 3, 3, 3), "float32"),
+        LM: R.Tensor((4, 3, 3, 3), "int64"),
+    ):
         R.func_attr({"num_input": 2})
         with R.dataflow():
             mask = R.astype(R.greater_equal(LM, level), "float32")
@@ -406,8 +479,9 @@ class NHWCBefore:
 
 def test_unsupported_layout_left_dense_with_warning():
     rng = np.random.default_rng(8)
-    mod = relax.transform.BindParams("main", {"W": rng.standard_normal((4, 3, 3, 3)).astype(F32),
-                                               "LM": _level_map(rng, (4, 3, 3, 3))})(NHWCBefore)
+    mod = relax.transform.BindParams(
+        "main", {"W": rng.standard_normal((4, 3, 3, 3)).astype(F32), "LM": _level_map(rng, (4, 3, 3, 3))}
+    )(NHWCBefore)
     with pytest.warns(NestedLoweringWarning, match=r"conv2d_0 \(y\).*NHWC"):
         after = LowerNestedLayers()(mod)
     tvm.ir.assert_structural_equal(after, mod)
@@ -444,8 +518,11 @@ def test_layer_pruned_everywhere_becomes_bias_without_kernel():
 
     before = _main(relax.BlockBuilder(), [_var("x", (2, 8)), _var("level", (), "int64")], body)
     after = LowerNestedLayers()(before)
-    expected = _main(relax.BlockBuilder(), [_var("x", (2, 8)), _var("level", (), "int64")],
-                     lambda bb, x, level: relax.op.broadcast_to(relax.const(B), relax.ShapeExpr((2, 5))))
+    expected = _main(
+        relax.BlockBuilder(),
+        [_var("x", (2, 8)), _var("level", (), "int64")],
+        lambda bb, x, level: relax.op.broadcast_to(relax.const(B), relax.ShapeExpr((2, 5))),
+    )
     tvm.ir.assert_structural_equal(_functions_only(after), expected)
     info = read_nested_info(after)
     assert info["num_levels"] == 1 and info["layers"][0]["nnz"] == [0]
@@ -483,8 +560,9 @@ def test_num_levels_and_info_cover_every_layer():
 def test_info_attr_survives_the_relax_build_passes():
     before, *_ = _linear_case("linear_permute_dims", np.random.default_rng(11))
     after = LowerNestedLayers()(before)
-    legalized = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.FoldConstant(),
-                                          relax.transform.DeadCodeElimination()])(after)
+    legalized = tvm.transform.Sequential(
+        [relax.transform.LegalizeOps(), relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
+    )(after)
     assert read_nested_info(legalized) == read_nested_info(after)
 
 
@@ -541,28 +619,50 @@ def _onnx_model(rng):
         """DESIGN section 2: W_eff = Mul(W, Cast(GreaterOrEqual(LM, level), to=FLOAT))."""
         W = rng.standard_normal(shape).astype(F32)
         LM = rng.integers(-1, 3, shape).astype(lm_dtype)
-        cmp = (h.make_node("LessOrEqual", [lvl, f"{prefix}_lm"], [f"{prefix}_ge"]) if le else
-               h.make_node("GreaterOrEqual", [f"{prefix}_lm", lvl], [f"{prefix}_ge"]))
-        nodes = [cmp, h.make_node("Cast", [f"{prefix}_ge"], [f"{prefix}_mask"], to=TP.FLOAT),
-                 h.make_node("Mul", [f"{prefix}_w", f"{prefix}_mask"], [f"{prefix}_eff"])]
+        cmp = (
+            h.make_node("LessOrEqual", [lvl, f"{prefix}_lm"], [f"{prefix}_ge"])
+            if le
+            else h.make_node("GreaterOrEqual", [f"{prefix}_lm", lvl], [f"{prefix}_ge"])
+        )
+        nodes = [
+            cmp,
+            h.make_node("Cast", [f"{prefix}_ge"], [f"{prefix}_mask"], to=TP.FLOAT),
+            h.make_node("Mul", [f"{prefix}_w", f"{prefix}_mask"], [f"{prefix}_eff"]),
+        ]
         return nodes, [nh.from_array(W, f"{prefix}_w"), nh.from_array(LM, f"{prefix}_lm")]
 
     n1, i1 = nested("c", (4, 3, 3, 3))
     n2, i2 = nested("g", (5, 64))
     n3, i3 = nested("m", (5, 6), lm_dtype="int32", le=True, lvl="level32")
     stats = [nh.from_array((rng.random(4) + 0.5).astype(F32), n) for n in ("gamma", "beta", "mean", "var")]
-    init = i1 + i2 + i3 + stats + [nh.from_array(rng.standard_normal(4).astype(F32), "cb"),
-                                   nh.from_array(rng.standard_normal(5).astype(F32), "gb")]
-    nodes = [h.make_node("Cast", ["level"], ["level32"], to=TP.INT32)] + n1 + n2 + n3 + [
+    init = (
+        i1
+        + i2
+        + i3
+        + stats
+        + [
+            nh.from_array(rng.standard_normal(4).astype(F32), "cb"),
+            nh.from_array(rng.standard_normal(5).astype(F32), "gb"),
+        ]
+    )
+    nodes = [
+        h.make_node("Cast", ["level"], ["level32"], to=TP.INT32),
+        *n1,
+        *n2,
+        *n3,
         h.make_node("Conv", ["x", "c_eff", "cb"], ["c"], pads=[1, 1, 1, 1]),
-        h.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"], epsilon=1e-3),
+        h.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"], epsilon=0.001),
         h.make_node("Flatten", ["bn"], ["f"]),
         h.make_node("Gemm", ["f", "g_eff", "gb"], ["y"], transB=1, alpha=0.5, beta=2.0),
         h.make_node("MatMul", ["y", "m_eff"], ["z"]),
     ]
-    graph = h.make_graph(nodes, "nested", [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 4, 4]),
-                                           h.make_tensor_value_info("level", TP.INT64, [])],
-                         [h.make_tensor_value_info("z", TP.FLOAT, [1, 6])], init)
+    graph = h.make_graph(
+        nodes,
+        "nested",
+        [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 4, 4]), h.make_tensor_value_info("level", TP.INT64, [])],
+        [h.make_tensor_value_info("z", TP.FLOAT, [1, 6])],
+        init,
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
@@ -574,8 +674,7 @@ def test_onnx_model_every_level():
 
     rng = np.random.default_rng(12)
     model = _onnx_model(rng)
-    mod = from_onnx(model, shape_dict={"x": [1, 3, 4, 4], "level": []},
-                    dtype_dict={"x": F32, "level": "int64"})
+    mod = from_onnx(model, shape_dict={"x": [1, 3, 4, 4], "level": []}, dtype_dict={"x": F32, "level": "int64"})
     after = _pipeline(mod)
     text = after["main"].script()
     assert "conv2d(" not in text and "matmul" not in text and "batch_norm" not in text

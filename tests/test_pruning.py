@@ -11,8 +11,15 @@ from torch.nn.utils import prune
 from tvm_nested.authoring.levelmap import NestingError
 from tvm_nested.authoring.nn import NestedModel
 from tvm_nested.authoring.pruning import (
-    PruningConfig, level_stats, levelmap_structured, levelmaps_from_masks, levelmaps_from_prune,
-    nest_pruned, nested_levelmaps, prune_model, weights_of,
+    PruningConfig,
+    level_stats,
+    levelmap_structured,
+    levelmaps_from_masks,
+    levelmaps_from_prune,
+    nest_pruned,
+    nested_levelmaps,
+    prune_model,
+    weights_of,
 )
 
 torch.set_num_threads(1)
@@ -95,7 +102,11 @@ def test_densities_must_be_non_increasing():
 @given(seed=st.integers(0, 2**31 - 1), d=densities())
 def test_global_scope_one_threshold(seed, d):
     rng = np.random.default_rng(seed)
-    ws = {"a": rng.standard_normal((4, 3)) * 3, "b": rng.standard_normal((6, 5)), "c": rng.standard_normal((2, 9)) * 0.1}
+    ws = {
+        "a": rng.standard_normal((4, 3)) * 3,
+        "b": rng.standard_normal((6, 5)),
+        "c": rng.standard_normal((2, 9)) * 0.1,
+    }
     maps = nested_levelmaps(ws, PruningConfig(densities=tuple(d), scope="global"))
     total = sum(w.size for w in ws.values())
     a = np.concatenate([np.abs(w).ravel() for w in ws.values()])
@@ -110,7 +121,11 @@ def test_global_scope_one_threshold(seed, d):
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_first_last_kept_dense(scope):
     rng = np.random.default_rng(0)
-    ws = {"first": rng.standard_normal((4, 9)), "mid": rng.standard_normal((64, 64)), "last": rng.standard_normal((10, 8))}
+    ws = {
+        "first": rng.standard_normal((4, 9)),
+        "mid": rng.standard_normal((64, 64)),
+        "last": rng.standard_normal((10, 8)),
+    }
     maps = nested_levelmaps(ws, PruningConfig(densities=(0.5, 0.1), scope=scope, first_last=1.0))
     assert (maps["first"] == 1).all() and (maps["last"] == 1).all()
     total = sum(w.size for w in ws.values())
@@ -122,7 +137,11 @@ def test_first_last_kept_dense(scope):
 
 def test_first_last_denser():
     rng = np.random.default_rng(0)
-    ws = {"first": rng.standard_normal((4, 10)), "mid": rng.standard_normal((8, 10)), "last": rng.standard_normal((2, 10))}
+    ws = {
+        "first": rng.standard_normal((4, 10)),
+        "mid": rng.standard_normal((8, 10)),
+        "last": rng.standard_normal((2, 10)),
+    }
     maps = nested_levelmaps(ws, PruningConfig(densities=(0.5, 0.1), first_last=0.3))
     assert [(maps["first"] >= lvl).mean() for lvl in (0, 1)] == [0.5, 0.3]
     assert [(maps["mid"] >= lvl).mean() for lvl in (0, 1)] == [0.5, 0.1]

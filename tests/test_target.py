@@ -35,8 +35,13 @@ def test_bare_llvm_means_this_cpu():
 
 
 @pytest.mark.parametrize(
-    "target", [{"kind": "llvm", "mtriple": "aarch64"}, '{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}',
-               Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}), "raspberry-pi/4b-aarch64"],
+    "target",
+    [
+        {"kind": "llvm", "mtriple": "aarch64"},
+        '{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}',
+        Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}),
+        "raspberry-pi/4b-aarch64",
+    ],
     ids=["dict", "json", "Target", "tag"],
 )
 def test_other_forms_aarch64(target):
@@ -52,8 +57,13 @@ def test_tag_cuda():
 
 @pytest.mark.parametrize(
     "text, match",
-    [("llvm -foo=1", "unknown option '-foo' for kind 'llvm'"), ("cuda", "needs an architecture"),
-     ("nosuchkind -x=1", "unknown target kind"), ("llvm -num-cores=many", "needs an integer"), ("", "target must be")],
+    [
+        ("llvm -foo=1", "unknown option '-foo' for kind 'llvm'"),
+        ("cuda", "needs an architecture"),
+        ("nosuchkind -x=1", "unknown target kind"),
+        ("llvm -num-cores=many", "needs an integer"),
+        ("", "target must be"),
+    ],
     ids=["unknown-key", "cuda-no-arch", "unknown-kind", "bad-int", "empty"],
 )
 def test_bad_targets(text, match):

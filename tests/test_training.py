@@ -1,5 +1,7 @@
 """Nested training: progressive schedule, gradient masking, a short real run, export round trips."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,18 @@ from torch import nn
 from tvm_nested.authoring.nn import nest
 from tvm_nested.authoring.pruning import PruningConfig, prune_model
 from tvm_nested.authoring.training import (
-    ProgressiveSchedule, PrunedStayZero, TrainConfig, digits_cnn, digits_data, evaluate, example_level,
-    export_onnx, export_torch, nested_loss, pick_levels, train_nested,
+    ProgressiveSchedule,
+    PrunedStayZero,
+    TrainConfig,
+    digits_cnn,
+    digits_data,
+    evaluate,
+    example_level,
+    export_onnx,
+    export_torch,
+    nested_loss,
+    pick_levels,
+    train_nested,
 )
 
 torch.set_num_threads(1)
@@ -20,7 +32,7 @@ def test_progressive_schedule_densest_level_first():
     assert s.densities(0) == [1.0, 1.0, 1.0]
     for t in range(0, 100):
         d = s.densities(t)
-        assert all(b <= a for a, b in zip(d, d[1:])), (t, d)  # nested at every step
+        assert all(b <= a for a, b in itertools.pairwise(d)), (t, d)  # nested at every step
         if t < 30:
             assert d[1] == d[0] and d[2] == d[0]  # only level 0 moves first
     assert s.densities(30) == [0.5, 0.5, 0.5]
@@ -119,8 +131,9 @@ def test_short_training_improves_every_level():
     model = prune_model(digits_cnn(width=8, seed=0), PruningConfig(densities=(1.0, 1.0, 1.0)))
     pruning = PruningConfig(densities=(0.6, 0.3, 0.15), scope="global")
     before = [evaluate(model, x_te, y_te, lvl) for lvl in range(3)]
-    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.1, weight_decay=1e-4, ramp_epochs=1, prune_every=4,
-                      distill=0.5, seed=0)
+    cfg = TrainConfig(
+        epochs=4, batch_size=32, lr=0.1, weight_decay=1e-4, ramp_epochs=1, prune_every=4, distill=0.5, seed=0
+    )
     history = train_nested(model, (x_tr, y_tr), cfg, pruning)
     after = [evaluate(model, x_te, y_te, lvl) for lvl in range(3)]
     assert history[-1]["densities"] == [0.6, 0.3, 0.15]
@@ -202,7 +215,7 @@ def test_compiled_roundtrip(trained_small, tmp_path, via):
         mod = tvm_nested.from_torch(model, (x, example_level(0)))
     else:
         export_onnx(model, x, path=tmp_path / "model.onnx")  # declares a dynamic batch dimension
-        with pytest.raises(ValueError, match="dynamic or undeclared dimension.*shape_dict"):
+        with pytest.raises(ValueError, match=r"dynamic or undeclared dimension.*shape_dict"):
             tvm_nested.from_onnx(tmp_path / "model.onnx")
         mod = tvm_nested.from_onnx(tmp_path / "model.onnx", shape_dict={"x": list(x.shape)})
     lib = tvm_nested.build(mod, target="llvm")

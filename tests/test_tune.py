@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import tvm_ffi
+from ir_checks import run_pipeline
+from nested_models import ConvLinear
 
 import tvm_nested
-from nested_models import ConvLinear
-from tvm_nested.schedules import tuning_log as tunelog
 from tvm_nested.authoring import nn as tnn
+from tvm_nested.schedules import tuning_log as tunelog
 from tvm_nested.tuning import RPCSettings, tune
-from ir_checks import run_pipeline
 
 DENSITIES = (0.5, 0.2, 0.1)
 TRIALS = 8
@@ -52,8 +52,11 @@ def _records(log):
 
 def _nested_records(log):
     db = tunelog.database(log)
-    return [r for r in db.get_all_tuning_records()
-            if r.workload.mod["main"].attrs is not None and "nested.op" in r.workload.mod["main"].attrs]
+    return [
+        r
+        for r in db.get_all_tuning_records()
+        if r.workload.mod["main"].attrs is not None and "nested.op" in r.workload.mod["main"].attrs
+    ]
 
 
 def test_tuning_writes_records_for_nested_kernels(tuned):
@@ -76,9 +79,14 @@ def test_build_from_log_measures_nothing_and_uses_the_records(tuned, monkeypatch
     def forbidden(*_a, **_k):
         raise AssertionError("build measured or tuned with a tuning log")
 
-    for owner, name in [(ms, "tune_tir"), (ms, "tune_tasks"), (ms.tir_integration, "tune_tir"),
-                        (ms.runner.LocalRunner, "run"), (ms.builder.LocalBuilder, "build"),
-                        (ms.task_scheduler.TaskScheduler, "tune")]:
+    for owner, name in [
+        (ms, "tune_tir"),
+        (ms, "tune_tasks"),
+        (ms.tir_integration, "tune_tir"),
+        (ms.runner.LocalRunner, "run"),
+        (ms.builder.LocalBuilder, "build"),
+        (ms.task_scheduler.TaskScheduler, "tune"),
+    ]:
         monkeypatch.setattr(owner, name, forbidden)
 
     mod, log, model, x = tuned["mod"], tuned["log"], tuned["model"], tuned["x"]
@@ -124,9 +132,15 @@ def test_raw_metaschedule_runner_is_refused(tuned, tmp_path):
         tune(tuned["mod"], "llvm", tmp_path / "log", max_trials=1, runner=ms.runner.LocalRunner())
 
 
-@pytest.mark.parametrize("kwargs", [{"host": "127.0.0.1"}, {"tracker_host": "127.0.0.1", "tracker_port": 9190},
-                                    {"tracker_host": "127.0.0.1", "tracker_port": 9190, "key": "k",
-                                     "host": "127.0.0.1", "port": 9090}], ids=["no-port", "no-key", "mixed"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"host": "127.0.0.1"},
+        {"tracker_host": "127.0.0.1", "tracker_port": 9190},
+        {"tracker_host": "127.0.0.1", "tracker_port": 9190, "key": "k", "host": "127.0.0.1", "port": 9090},
+    ],
+    ids=["no-port", "no-key", "mixed"],
+)
 def test_rpc_settings_are_checked(kwargs):
     with pytest.raises(ValueError, match="RPCSettings"):
         RPCSettings(**kwargs)
@@ -137,11 +151,25 @@ def test_interrupted_run_keeps_records_and_tuning_again_appends(tuned, tmp_path)
     log = tmp_path / "log"
     shutil.copytree(tuned["log"], log)
     before = _records(log)
-    code = ("import sys; from tvm_nested.cli.tune import tune_main; "
-            "sys.exit(tune_main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tuned["pt2"]), "--target", "llvm", "--log", str(log),
-                             "--trials", "64", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    code = "import sys; from tvm_nested.cli.tune import tune_main; sys.exit(tune_main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(tuned["pt2"]),
+            "--target",
+            "llvm",
+            "--log",
+            str(log),
+            "--trials",
+            "64",
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and len(_records(log)) <= len(before):
@@ -154,7 +182,7 @@ def test_interrupted_run_keeps_records_and_tuning_again_appends(tuned, tmp_path)
     assert grew, proc.stderr.read().decode()[-3000:]
     after = _records(tunelog.check(log, "llvm"))
     db = tunelog.database(log)  # loads, even if the kill tore the last line
-    assert after[:len(before)] == before  # nothing lost or rewritten
+    assert after[: len(before)] == before  # nothing lost or rewritten
     assert len(db.get_all_tuning_records()) > len(before)
     assert len(_nested_records(log)) >= len(_nested_records(tuned["log"]))
 
@@ -212,7 +240,6 @@ def test_tensor_intrinsics_for_every_target_in_one_process(tmp_path):
     targets = ["rpi4", "llvm -mcpu=icelake-server -num-cores=2", "llvm -mcpu=znver5 -num-cores=2", "llvm"]
     script = tmp_path / "spaces.py"  # a file: TVMScript parses its functions from their source
     script.write_text(_DESIGN_SPACE_PER_TARGET)
-    out = subprocess.run([sys.executable, str(script), *targets],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(script), *targets], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert [line.rsplit(" ", 1)[0] for line in out.stdout.splitlines()] == targets

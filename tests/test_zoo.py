@@ -5,8 +5,8 @@ import onnx
 import pytest
 
 from tvm_nested.authoring import zoo
-from tvm_nested.frontend import from_onnx
 from tvm_nested.authoring.onnx_nest import nested_level_maps, ort_run, ort_session
+from tvm_nested.frontend import from_onnx
 
 SMALL = ["squeezenet", "shufflenet"]
 
@@ -59,8 +59,12 @@ def test_seeded(small):
 
 @pytest.mark.parametrize(
     "outputs,match",
-    [([np.array([[np.nan, 1.0]])], "inf/NaN"), ([np.zeros((1, 4))], "all zero"), ([np.full((1, 4), 0.3)], "constant"),
-     ([np.array([[0.995, 0.005]])], "saturated")],
+    [
+        ([np.array([[np.nan, 1.0]])], "inf/NaN"),
+        ([np.zeros((1, 4))], "all zero"),
+        ([np.full((1, 4), 0.3)], "constant"),
+        ([np.array([[0.995, 0.005]])], "saturated"),
+    ],
     ids=["nan", "zero", "constant", "saturated"],
 )
 def test_check_outputs_rejects(outputs, match):

@@ -20,6 +20,15 @@ from .tuning import tune
 __version__ = "0.1.0"
 
 __all__ = [
-    "NestedModule", "NestedRuntime", "NestingError", "build", "from_onnx", "from_torch", "load",
-    "num_threads", "parse_target", "set_num_threads", "tune",
+    "NestedModule",
+    "NestedRuntime",
+    "NestingError",
+    "build",
+    "from_onnx",
+    "from_torch",
+    "load",
+    "num_threads",
+    "parse_target",
+    "set_num_threads",
+    "tune",
 ]

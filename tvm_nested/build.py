@@ -17,16 +17,23 @@ import tvm
 from .contract import CROSS_TOOLCHAINS
 from .pipeline import pipeline
 from .relay_passes import collect_metadata
-from .schedules.tuning_log import check as tuning_log_check
 from .runtime import InfoView, NestedRuntime
+from .schedules.tuning_log import check as tuning_log_check
 from .target import is_cross, parse_target
 
 
 class NestedModule(InfoView):
     """The compiled artifact: one executable, every level, weights stored once."""
 
-    def __init__(self, executable, target: tvm.target.Target, info: dict, *,
-                 staged_ir: tvm.IRModule | None = None, tuning_log=None):
+    def __init__(
+        self,
+        executable,
+        target: tvm.target.Target,
+        info: dict,
+        *,
+        staged_ir: tvm.IRModule | None = None,
+        tuning_log=None,
+    ):
         self.executable = executable
         self.target = target
         self.info = info
@@ -42,18 +49,29 @@ class NestedModule(InfoView):
         if self.num_stages is None:
             raise ValueError("this module has no stages: build it with tvm_nested.build(mod, target, stages=K) first")
         if self._staged_ir is None:
-            raise ValueError("this NestedModule keeps no IR to recompile: build it again with "
-                             "tvm_nested.build(..., stages=K, latency_table=table)")
-        return _compile(self._staged_ir, self.target, start_at="reroute", tuning_log=self._tuning_log,
-                        stages=self.stage_plan["num_stages"], latency_table=table, adaptive=adaptive,
-                        overhead_us=overhead_us)
+            raise ValueError(
+                "this NestedModule keeps no IR to recompile: build it again with "
+                "tvm_nested.build(..., stages=K, latency_table=table)"
+            )
+        return _compile(
+            self._staged_ir,
+            self.target,
+            start_at="reroute",
+            tuning_log=self._tuning_log,
+            stages=self.stage_plan["num_stages"],
+            latency_table=table,
+            adaptive=adaptive,
+            overhead_us=overhead_us,
+        )
 
     def runtime(self, device=None, *, num_threads: int | None = None) -> NestedRuntime:
         """Run this module in this process (only for targets this machine can execute)."""
         if is_cross(self.target) and device is None:
-            raise ValueError(f"module built for {self.target.kind.name} {self.target.attrs.get('mtriple', '')} "
-                             "cannot run on this machine: export_library it and run it on the board "
-                             "(tvm_nested.load over RPC)")
+            raise ValueError(
+                f"module built for {self.target.kind.name} {self.target.attrs.get('mtriple', '')} "
+                "cannot run on this machine: export_library it and run it on the board "
+                "(tvm_nested.load over RPC)"
+            )
         return NestedRuntime(self.executable, device, num_threads=num_threads)
 
     def export_library(self, path: str | os.PathLike, *, cc: str | None = None) -> str:
@@ -80,8 +98,10 @@ def cross_compiler(triple: str) -> str:
     if shutil.which(tc.cc) is None or not os.path.exists(tc.libc_file):
         missing = f"cross compiler {tc.cc!r}" if shutil.which(tc.cc) is None else f"{tc.libc_file} (the target's libc)"
         packages = " ".join(tc.packages)
-        raise RuntimeError(f"{missing} not found for target {triple}: install the Debian packages {packages} "
-                           f"(apt-get install {packages}) or pass cc=")
+        raise RuntimeError(
+            f"{missing} not found for target {triple}: install the Debian packages {packages} "
+            f"(apt-get install {packages}) or pass cc="
+        )
     return tc.cc
 
 
@@ -98,8 +118,9 @@ def _compile(mod: tvm.IRModule, target, *, start_at: str | None = None, **option
     return NestedModule(executable, target, info, staged_ir=staged, tuning_log=options.get("tuning_log"))
 
 
-def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, stages=None,
-          latency_table=None) -> NestedModule:
+def build(
+    mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, stages=None, latency_table=None
+) -> NestedModule:
     """Compile a Relax module from ``from_onnx`` / ``from_torch`` into one module holding every level.
 
     ``target``: a classic string (``"llvm -mtriple=aarch64-linux-gnu -mattr=+neon"``), dict, tag or
@@ -116,8 +137,7 @@ def build(mod: tvm.IRModule, target="llvm", tuning_log=None, *, dump_dir=None, s
         tuning_log_check(tuning_log, tgt)  # refused here, before any work, with its own error type
     if stages is None and latency_table is not None:
         stages = int(np.shape(latency_table)[0])
-    lib = _compile(mod, tgt, tuning_log=tuning_log, stages=stages, latency_table=latency_table,
-                   dump_dir=dump_dir)
+    lib = _compile(mod, tgt, tuning_log=tuning_log, stages=stages, latency_table=latency_table, dump_dir=dump_dir)
     if not lib.info["layers"]:
         warnings.warn("no nested layer recognised: the model is compiled dense, with one level", stacklevel=2)
     return lib

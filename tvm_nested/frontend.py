@@ -19,7 +19,6 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 from tvm import relax
 
 from .contract import LEVEL, LEVEL_DTYPE, dtype_of
@@ -67,13 +66,15 @@ def upgrade_onnx(model, opset: int = ONNX_OPSET, *, min_opset: int = MIN_ONNX_OP
     have = onnx_opset(model)
     if have >= min_opset:
         return model
-    logger.info("ONNX model has opset %d (< %d): converting to opset %d with onnx.version_converter",
-                have, min_opset, opset)
+    logger.info(
+        "ONNX model has opset %d (< %d): converting to opset %d with onnx.version_converter", have, min_opset, opset
+    )
     try:
         return version_converter.convert_version(model, opset)
     except Exception as err:
-        raise ValueError(f"onnx.version_converter could not convert the model from opset {have} to {opset}: {err}") \
-            from err
+        raise ValueError(
+            f"onnx.version_converter could not convert the model from opset {have} to {opset}: {err}"
+        ) from err
 
 
 def graph_inputs(model) -> list:
@@ -115,13 +116,18 @@ def check_level_input(model, shape_dict: Mapping | None = None) -> None:
         raise ValueError(f"ONNX input {LEVEL!r} must have an integer type, got {found}")
     declared = _onnx_shape(vi)
     if shape_dict is not None and LEVEL in shape_dict and list(shape_dict[LEVEL]) != []:
-        raise ValueError(f"shape_dict gives {LEVEL!r} the shape {list(shape_dict[LEVEL])}; the level is a scalar, shape []")
+        raise ValueError(
+            f"shape_dict gives {LEVEL!r} the shape {list(shape_dict[LEVEL])}; the level is a scalar, shape []"
+        )
     if declared is not None and declared != []:
-        raise ValueError(f"ONNX input {LEVEL!r} has rank {len(declared)} (shape {declared}); it must be a scalar (rank 0, shape [])")
+        raise ValueError(
+            f"ONNX input {LEVEL!r} has rank {len(declared)} (shape {declared}); it must be a scalar (rank 0, shape [])"
+        )
 
 
-def from_onnx(model_or_path, shape_dict: Mapping[str, Sequence] | None = None,
-              dtype_dict: Mapping[str, str] | None = None):
+def from_onnx(
+    model_or_path, shape_dict: Mapping[str, Sequence] | None = None, dtype_dict: Mapping[str, str] | None = None
+):
     """Import a nested ONNX model (DESIGN section 2) into a Relax IRModule.
 
     ``model_or_path``: an ``onnx.ModelProto`` or a path. ``shape_dict`` / ``dtype_dict`` override the
@@ -143,8 +149,9 @@ def from_onnx(model_or_path, shape_dict: Mapping[str, Sequence] | None = None,
     unknown = set(shape_dict or ()) | set(dtype_dict or ())
     unknown -= names
     if unknown:
-        raise ValueError(f"shape_dict/dtype_dict name inputs the model does not have: {sorted(unknown)} "
-                         f"(inputs: {sorted(names)})")
+        raise ValueError(
+            f"shape_dict/dtype_dict name inputs the model does not have: {sorted(unknown)} (inputs: {sorted(names)})"
+        )
     shapes, dtypes = {}, {}
     for vi in inputs:
         shape = _onnx_shape(vi)
@@ -158,8 +165,10 @@ def from_onnx(model_or_path, shape_dict: Mapping[str, Sequence] | None = None,
     dtypes.update(dtype_dict or {})
     for vi in inputs:  # the kernels are specialised to static shapes: a symbolic dim needs a value
         if vi.name not in shapes:
-            raise ValueError(f"from_onnx: input {vi.name!r} has shape {_onnx_shape(vi)} with a dynamic or undeclared "
-                             f"dimension; tvm_nested compiles static shapes: pass shape_dict={{{vi.name!r}: [...]}}")
+            raise ValueError(
+                f"from_onnx: input {vi.name!r} has shape {_onnx_shape(vi)} with a dynamic or undeclared "
+                f"dimension; tvm_nested compiles static shapes: pass shape_dict={{{vi.name!r}: [...]}}"
+            )
     if np.dtype(dtypes[LEVEL]).kind not in "iu":
         raise ValueError(f"dtype_dict gives {LEVEL!r} the dtype {dtypes[LEVEL]!r}; the level is an integer")
 
@@ -194,7 +203,9 @@ def _as_level_tensor(value):
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"from_torch: the example level must be a 0-d integer tensor, got {type(value).__name__}")
     if value.dim() != 0:
-        raise ValueError(f"from_torch: the example level must be a 0-d tensor (shape []), got shape {list(value.shape)}")
+        raise ValueError(
+            f"from_torch: the example level must be a 0-d tensor (shape []), got shape {list(value.shape)}"
+        )
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
         raise ValueError(f"from_torch: the example level must have an integer dtype, got {value.dtype}")
     return value.to(getattr(torch, LEVEL_DTYPE))
@@ -221,12 +232,17 @@ def split_level(module, example_args, example_kwargs=None):
         return tuple(args), kwargs
     if param.kind is inspect.Parameter.VAR_KEYWORD:
         raise ValueError(f"from_torch: pass the example level in example_kwargs={{{LEVEL!r}: ...}}")
-    pos = [p for p in inspect.signature(module.forward).parameters.values()
-           if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    pos = [
+        p
+        for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
     idx = [p.name for p in pos].index(LEVEL)
     if idx >= len(args):
-        raise ValueError(f"from_torch: example_args has {len(args)} values; {LEVEL!r} is argument {idx} of forward "
-                         f"and has no example (pass it positionally or in example_kwargs)")
+        raise ValueError(
+            f"from_torch: example_args has {len(args)} values; {LEVEL!r} is argument {idx} of forward "
+            f"and has no example (pass it positionally or in example_kwargs)"
+        )
     args[idx] = _as_level_tensor(args[idx])
     return tuple(args), kwargs
 
@@ -275,5 +291,15 @@ def _check_level_param(mod, who: str) -> None:
         raise ValueError(f"{who}: parameter {LEVEL!r} must be a 0-d integer tensor, got {ty}")
 
 
-__all__ = ["from_onnx", "from_torch", "load_onnx", "upgrade_onnx", "check_level_input", "graph_inputs",
-           "LEVEL", "LEVEL_DTYPE", "ONNX_OPSET", "MIN_ONNX_OPSET"]
+__all__ = [
+    "LEVEL",
+    "LEVEL_DTYPE",
+    "MIN_ONNX_OPSET",
+    "ONNX_OPSET",
+    "check_level_input",
+    "from_onnx",
+    "from_torch",
+    "graph_inputs",
+    "load_onnx",
+    "upgrade_onnx",
+]

@@ -26,9 +26,18 @@ import tvm
 from tvm import relax
 
 from .contract import DUMP_ENV, RELAX_BACKENDS
-from .relay_passes import (AddDeadlineFunction, ApplyTuningLog, AttachMetadata, FoldBatchNorm,
-                           LevelGuard, LowerNestedLayers, ReportUnscheduled, ScheduleKernels,
-                           SpecializeKernels, SplitStages)
+from .relay_passes import (
+    AddDeadlineFunction,
+    ApplyTuningLog,
+    AttachMetadata,
+    FoldBatchNorm,
+    LevelGuard,
+    LowerNestedLayers,
+    ReportUnscheduled,
+    ScheduleKernels,
+    SpecializeKernels,
+    SplitStages,
+)
 from .target import parse_target
 
 PHASES = ("graph", "stages", "reroute", "kernels", "legalize", "schedule", "metadata", "vm")
@@ -52,8 +61,9 @@ def _stages_pass(stages) -> tvm.transform.Pass:
     return SplitStages(stages)
 
 
-def phases(target, *, tuning_log=None, stages=None, latency_table=None, adaptive: bool = True,
-           overhead_us: float = 0.0) -> list[tuple[str, list[tvm.transform.Pass]]]:
+def phases(
+    target, *, tuning_log=None, stages=None, latency_table=None, adaptive: bool = True, overhead_us: float = 0.0
+) -> list[tuple[str, list[tvm.transform.Pass]]]:
     """The named phases of the pipeline for ``target`` (see the module docstring)."""
     be = backend(target)
     if latency_table is not None and stages is None:
@@ -66,8 +76,14 @@ def phases(target, *, tuning_log=None, stages=None, latency_table=None, adaptive
         # Phase 2: stage functions sharing main's kernels and constants (rerouting).
         ("stages", [_stages_pass(stages)]),
         # Phase 3: main_deadline: stages + the on-device rule over the latency table.
-        ("reroute", [_NOTHING if latency_table is None else
-                     AddDeadlineFunction(latency_table, adaptive=adaptive, overhead_us=overhead_us)]),
+        (
+            "reroute",
+            [
+                _NOTHING
+                if latency_table is None
+                else AddDeadlineFunction(latency_table, adaptive=adaptive, overhead_us=overhead_us)
+            ],
+        ),
         # Phase 4: each nested kernel in the form the target runs (what a tuning log records).
         ("kernels", [SpecializeKernels(target, tuning_log)]),
         # Phase 5: TVM's library dispatch and legalization: Relax ops -> fused PrimFuncs. The CPU
@@ -75,8 +91,14 @@ def phases(target, *, tuning_log=None, stages=None, latency_table=None, adaptive
         # which the schedule phase applies after the nested kernels' own rule).
         ("legalize", be.library_dispatch_passes(target) + RELAX_BACKENDS["llvm"].legalize_passes(target)),
         # Phase 6: the log's records (never measured here), the target's rules, a report of the rest.
-        ("schedule", [_NOTHING if tuning_log is None else ApplyTuningLog(target, tuning_log),
-                      ScheduleKernels(target), ReportUnscheduled(target)]),
+        (
+            "schedule",
+            [
+                _NOTHING if tuning_log is None else ApplyTuningLog(target, tuning_log),
+                ScheduleKernels(target),
+                ReportUnscheduled(target),
+            ],
+        ),
         # Phase 7: nested_info(), the artifact's own metadata.
         ("metadata", [AttachMetadata(target)]),
         # Phase 8: TVM's lowering for the Relax VM.
@@ -94,9 +116,18 @@ def _dump(name: str, dump_dir: Path) -> tvm.transform.Pass:
     return _pass
 
 
-def pipeline(target, *, tuning_log=None, stages=None, latency_table=None, adaptive: bool = True,
-             overhead_us: float = 0.0, start_at: str | None = None, stop_after: str | None = None,
-             dump_dir: str | os.PathLike | None = None) -> tvm.transform.Pass:
+def pipeline(
+    target,
+    *,
+    tuning_log=None,
+    stages=None,
+    latency_table=None,
+    adaptive: bool = True,
+    overhead_us: float = 0.0,
+    start_at: str | None = None,
+    stop_after: str | None = None,
+    dump_dir: str | os.PathLike | None = None,
+) -> tvm.transform.Pass:
     """The pipeline for ``target`` as one Pass; ``start_at`` / ``stop_after`` name phases to run a
     slice of it (``tune`` stops after "legalize"; ``with_latency_table`` starts at "reroute")."""
     target = parse_target(target)
@@ -105,8 +136,14 @@ def pipeline(target, *, tuning_log=None, stages=None, latency_table=None, adapti
     last = names.index(stop_after) if stop_after is not None else len(names) - 1
     dump_dir = dump_dir or os.environ.get(DUMP_ENV)
     seq = []
-    for name, passes in phases(target, tuning_log=tuning_log, stages=stages, latency_table=latency_table,
-                               adaptive=adaptive, overhead_us=overhead_us)[first:last + 1]:
+    for name, passes in phases(
+        target,
+        tuning_log=tuning_log,
+        stages=stages,
+        latency_table=latency_table,
+        adaptive=adaptive,
+        overhead_us=overhead_us,
+    )[first : last + 1]:
         seq.extend(passes)
         if dump_dir:
             seq.append(_dump(name, Path(dump_dir)))

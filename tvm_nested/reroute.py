@@ -40,8 +40,9 @@ def profile_stages(rt_or_lib, *inputs, number: int = 5, repeat: int = 7, min_rep
     rt = _as_runtime(rt_or_lib)
     plan = rt.stage_plan
     if plan is None:
-        raise ValueError("this module has no stages to profile: build it with stages=K "
-                         "(tvm_nested.build(mod, target, stages=4))")
+        raise ValueError(
+            "this module has no stages to profile: build it with stages=K (tvm_nested.build(mod, target, stages=4))"
+        )
     if not inputs:
         inputs = example_inputs(rt.info)
     env = rt.stage_inputs(inputs)
@@ -50,8 +51,9 @@ def profile_stages(rt_or_lib, *inputs, number: int = 5, repeat: int = 7, min_rep
     for s, name in enumerate(plan["functions"]):
         args = [env[n] for n in plan["inputs"][s]]
         for lvl in range(L):
-            secs = rt.time_function(name, [*args, rt.level_tensor(lvl)], number=number, repeat=repeat,
-                                    min_repeat_ms=min_repeat_ms)
+            secs = rt.time_function(
+                name, [*args, rt.level_tensor(lvl)], number=number, repeat=repeat, min_repeat_ms=min_repeat_ms
+            )
             table[s, lvl] = float(np.median(secs)) * 1e6
         out = rt.invoke(name, [*args, rt.level_tensor(0)])
         if s < K - 1:  # the activations the next stages read

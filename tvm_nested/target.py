@@ -2,7 +2,8 @@
 
 Accepted: a ``tvm.target.Target``; a dict (``{"kind": "llvm", "mtriple": ...}``); a JSON string; a
 tag (``"raspberry-pi/4b-aarch64"``, ``"nvidia/nvidia-a100"``); a board preset of ``BOARD_PRESETS``
-(``"rpi4"``, ``"rpi5"``, ``"jetson-orin-cpu"``); a bare kind (``"llvm"``); or the classic string form (``"llvm -mtriple=aarch64-linux-gnu -mattr=+neon"``, ``"cuda -arch=sm_80"``).
+(``"rpi4"``, ``"rpi5"``, ``"jetson-orin-cpu"``); a bare kind (``"llvm"``); or the classic string form
+(``"llvm -mtriple=aarch64-linux-gnu -mattr=+neon"``, ``"cuda -arch=sm_80"``).
 
 Two conventions, both because users expect them:
 * a bare ``aarch64`` triple means 64-bit ARM Linux (``aarch64-linux-gnu``), the boards users deploy to;
@@ -28,9 +29,9 @@ _TRIPLE_ALIASES = {"aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 # there because Orin modules have 6 to 12 cores.
 _ARM64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 BOARD_PRESETS: dict[str, dict] = {
-    "rpi4": {**_ARM64, "mcpu": "cortex-a72", "num-cores": 4},        # Raspberry Pi 4 (BCM2711)
-    "rpi5": {**_ARM64, "mcpu": "cortex-a76", "num-cores": 4},        # Raspberry Pi 5 (BCM2712)
-    "jetson-orin-cpu": {**_ARM64, "mcpu": "cortex-a78ae"},          # NVIDIA Jetson Orin, CPU side
+    "rpi4": {**_ARM64, "mcpu": "cortex-a72", "num-cores": 4},  # Raspberry Pi 4 (BCM2711)
+    "rpi5": {**_ARM64, "mcpu": "cortex-a76", "num-cores": 4},  # Raspberry Pi 5 (BCM2712)
+    "jetson-orin-cpu": {**_ARM64, "mcpu": "cortex-a78ae"},  # NVIDIA Jetson Orin, CPU side
 }
 
 
@@ -54,7 +55,9 @@ def _parse_classic(text: str) -> dict:
         key, eq, value = opt.lstrip("-").partition("=")
         ty = schema.get(key)
         if ty is None or key in ("kind", "host"):
-            valid = ", ".join(sorted(k for k in schema if k not in ("kind", "host", "from_device", "target_device_type")))
+            valid = ", ".join(
+                sorted(k for k in schema if k not in ("kind", "host", "from_device", "target_device_type"))
+            )
             raise ValueError(f"target {text!r}: unknown option '-{key}' for kind '{kind}'. Valid options: {valid}")
         if ty.startswith("Array"):
             out[key] = [v for v in value.split(",") if v]

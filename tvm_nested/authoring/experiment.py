@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from .pruning import PruningConfig, level_stats, prune_model
 from .training import TrainConfig, digits_cnn, digits_data, evaluate, train_dense, train_nested
-
 
 
 @dataclass(frozen=True)
@@ -27,9 +26,9 @@ class Experiment:
     test_size: float = 0.25
     width: int = 32
     output: str = "runs/digits"
-    dense: TrainConfig = TrainConfig()
-    nested: TrainConfig = TrainConfig()
-    pruning: PruningConfig = PruningConfig()
+    dense: TrainConfig = field(default_factory=TrainConfig)
+    nested: TrainConfig = field(default_factory=TrainConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
 
 
 TASKS = ("digits",)
@@ -85,8 +84,10 @@ def run_experiment(exp: Experiment, *, progress: bool = True, log=print) -> tupl
     stats = level_stats(nested, x_te[:1])
     levels = [{**s, "accuracy": evaluate(nested, x_te, y_te, s["level"])} for s in stats]
     for s in levels:
-        log(f"level {s['level']}: accuracy {s['accuracy']:.4f}, weights {100 * s['weights']:.2f}%, "
-            f"FLOPs {100 * s['flops']:.2f}%")
+        log(
+            f"level {s['level']}: accuracy {s['accuracy']:.4f}, weights {100 * s['weights']:.2f}%, "
+            f"FLOPs {100 * s['flops']:.2f}%"
+        )
     results = {
         "config": _jsonable(asdict(exp)),
         "split": {"train": len(y_tr), "test": len(y_te), "seed": exp.seed},
@@ -108,4 +109,4 @@ def _jsonable(x):
     return x
 
 
-__all__ = ["Experiment", "TASKS", "experiment_from_dict", "load_config", "run_experiment"]
+__all__ = ["TASKS", "Experiment", "experiment_from_dict", "load_config", "run_experiment"]

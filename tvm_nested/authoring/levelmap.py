@@ -7,6 +7,7 @@ Everything here is NumPy only, shared by the PyTorch helper, the ONNX helper and
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,7 +54,9 @@ def check_levelmap(level_map: np.ndarray, weight_shape: Sequence[int], layer: st
     if lm.dtype.kind not in "iu":
         raise NestingError(f"{layer}: level map must be an integer tensor, got dtype {lm.dtype}")
     if tuple(lm.shape) != tuple(int(s) for s in weight_shape):
-        raise NestingError(f"{layer}: level map shape {tuple(lm.shape)} differs from weight shape {tuple(weight_shape)}")
+        raise NestingError(
+            f"{layer}: level map shape {tuple(lm.shape)} differs from weight shape {tuple(weight_shape)}"
+        )
     if lm.size and lm.min() < -1:
         raise NestingError(f"{layer}: level map holds {int(lm.min())}; values must be -1 (pruned) or a level >= 0")
     return lm.astype(np.int32)
@@ -81,14 +84,14 @@ def levelmap_by_magnitude(weight: np.ndarray, level_densities: Sequence[float]) 
     d = [float(x) for x in level_densities]
     if not d or any(not 0.0 <= x <= 1.0 for x in d):
         raise NestingError(f"densities must be in [0, 1], got {d}")
-    if any(b > a for a, b in zip(d, d[1:])):
+    if any(b > a for a, b in itertools.pairwise(d)):
         raise NestingError(f"densities must be non-increasing (level 0 densest), got {d}")
     # float32 magnitudes: the weights are float32 anyway. One O(n) selection per level instead of a
     # full sort: a 100M-weight FC layer nests in seconds.
     w = np.abs(np.asarray(weight, dtype=np.float32)).ravel()
     lm = np.full(w.size, -1, dtype=np.int32)
     for lvl, dens in enumerate(d):
-        lm[_top_k(w, int(round(dens * w.size)))] = lvl
+        lm[_top_k(w, round(dens * w.size))] = lvl
     return lm.reshape(np.shape(weight))
 
 

@@ -62,9 +62,16 @@ def nested_from(layer: nn.Module, level_map) -> nn.Module:
     """A nested copy of a dense ``nn.Conv2d`` / ``nn.Linear`` (weights shared by value, not by reference)."""
     if isinstance(layer, nn.Conv2d):
         new = NestedConv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-            bias=layer.bias is not None, padding_mode=layer.padding_mode, level_map=level_map,
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            level_map=level_map,
         )
     elif isinstance(layer, nn.Linear):
         new = NestedLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, level_map=level_map)

@@ -31,9 +31,14 @@ LEVELMAP_SUFFIX = "__levelmap"
 
 def _weight_slot(node, inits: Mapping) -> int | None:
     """Index of the input of ``node`` that is its prunable weight initializer, or None."""
+
     def is_w(i):
-        return i < len(node.input) and node.input[i] in inits and inits[node.input[i]].ndim >= 2 \
+        return (
+            i < len(node.input)
+            and node.input[i] in inits
+            and inits[node.input[i]].ndim >= 2
             and inits[node.input[i]].dtype.kind == "f"
+        )
 
     if node.op_type in ("Conv", "Gemm"):
         return 1 if is_w(1) else None
@@ -68,13 +73,24 @@ def _spec_to_levelmap(name: str, weight: np.ndarray, spec) -> np.ndarray:
         return levelmap_by_magnitude(weight, [float(s) for s in spec])
     if nd == weight.ndim + 1:
         return levelmap_from_masks([np.asarray(m) for m in spec], layer=name)
-    raise ValueError(f"{name}: expected a level map of shape {weight.shape}, per-level masks or a list of densities, "
-                     f"got {type(spec).__name__}")
+    raise ValueError(
+        f"{name}: expected a level map of shape {weight.shape}, per-level masks or a list of densities, "
+        f"got {type(spec).__name__}"
+    )
 
 
-def nest_onnx(model, level_maps: Mapping[str, object] | None = None, *, densities: Sequence[float] | None = None,
-              layers: Sequence[str] | None = None, keep_first_dense: bool = False, keep_last_dense: bool = False,
-              op_types: Sequence[str] = NESTABLE_OPS, level_dtype: str = "int64", opset: int = ONNX_OPSET):
+def nest_onnx(
+    model,
+    level_maps: Mapping[str, object] | None = None,
+    *,
+    densities: Sequence[float] | None = None,
+    layers: Sequence[str] | None = None,
+    keep_first_dense: bool = False,
+    keep_last_dense: bool = False,
+    op_types: Sequence[str] = NESTABLE_OPS,
+    level_dtype: str = "int64",
+    opset: int = ONNX_OPSET,
+):
     """A nested copy of the dense ONNX ``model`` (ModelProto or path); DESIGN section 2 form.
 
     Give either ``level_maps`` ({weight initializer name: level map | per-level masks | densities})
@@ -102,12 +118,15 @@ def nest_onnx(model, level_maps: Mapping[str, object] | None = None, *, densitie
     candidates = prunable_weights(m, op_types)
     if level_maps is not None:
         if not isinstance(level_maps, Mapping):
-            raise ValueError(f"nest_onnx: level_maps must be a mapping from weight name to level map, "
-                             f"got {type(level_maps).__name__}")
+            raise ValueError(
+                f"nest_onnx: level_maps must be a mapping from weight name to level map, "
+                f"got {type(level_maps).__name__}"
+            )
         unknown = [k for k in level_maps if k not in candidates]
         if unknown:
-            raise ValueError(f"nest_onnx: {unknown} are not weights of {'/'.join(op_types)} nodes; "
-                             f"prunable weights: {candidates}")
+            raise ValueError(
+                f"nest_onnx: {unknown} are not weights of {'/'.join(op_types)} nodes; prunable weights: {candidates}"
+            )
         chosen = {k: _spec_to_levelmap(k, inits[k], v) for k, v in level_maps.items()}
     else:
         names = list(candidates)
@@ -124,8 +143,12 @@ def nest_onnx(model, level_maps: Mapping[str, object] | None = None, *, densitie
     if not chosen:
         logger.warning("nest_onnx: no layer selected; the model gets a level input that nothing reads")
 
-    taken = {n for node in g.node for n in list(node.input) + list(node.output)} | set(inits) | \
-        {i.name for i in g.input} | {o.name for o in g.output}
+    taken = (
+        {n for node in g.node for n in list(node.input) + list(node.output)}
+        | set(inits)
+        | {i.name for i in g.input}
+        | {o.name for o in g.output}
+    )
 
     def fresh(base: str) -> str:
         name, k = base, 0
@@ -142,8 +165,9 @@ def nest_onnx(model, level_maps: Mapping[str, object] | None = None, *, densitie
     level_i32 = LEVEL
     if chosen and level_dtype != "int32":
         level_i32 = fresh(f"{LEVEL}__int32")
-        new_nodes.append(helper.make_node("Cast", [LEVEL], [level_i32], to=TensorProto.INT32,
-                                          name=fresh("nested/level_cast")))
+        new_nodes.append(
+            helper.make_node("Cast", [LEVEL], [level_i32], to=TensorProto.INT32, name=fresh("nested/level_cast"))
+        )
     renamed: dict[str, str] = {}
     for wname, lm in chosen.items():
         w = inits[wname]
@@ -154,8 +178,9 @@ def nest_onnx(model, level_maps: Mapping[str, object] | None = None, *, densitie
         keep, mask, eff = fresh(wname + "__keep"), fresh(wname + "__mask"), fresh(wname + "__nested")
         new_nodes += [
             helper.make_node("GreaterOrEqual", [lm_name, level_i32], [keep], name=fresh(f"nested/{wname}/ge")),
-            helper.make_node("Cast", [keep], [mask], to=helper.np_dtype_to_tensor_dtype(w.dtype),
-                             name=fresh(f"nested/{wname}/cast")),
+            helper.make_node(
+                "Cast", [keep], [mask], to=helper.np_dtype_to_tensor_dtype(w.dtype), name=fresh(f"nested/{wname}/cast")
+            ),
             helper.make_node("Mul", [wname, mask], [eff], name=fresh(f"nested/{wname}/mul")),
         ]
         renamed[wname] = eff
@@ -276,5 +301,14 @@ def ort_run(model_or_session, inputs, level: int | None = None) -> list[np.ndarr
     return [np.asarray(o) for o in sess.run(None, feed)]
 
 
-__all__ = ["nest_onnx", "prunable_weights", "nested_level_maps", "num_levels", "masked_dense_onnx", "ort_session",
-           "ort_run", "NESTABLE_OPS", "onnx_opset"]
+__all__ = [
+    "NESTABLE_OPS",
+    "masked_dense_onnx",
+    "nest_onnx",
+    "nested_level_maps",
+    "num_levels",
+    "onnx_opset",
+    "ort_run",
+    "ort_session",
+    "prunable_weights",
+]

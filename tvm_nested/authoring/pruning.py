@@ -23,6 +23,7 @@ are not nested are refused, naming the layer and the level (``levelmap.NestingEr
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ def check_densities(densities: Sequence[float], layer: str = "densities") -> lis
     d = [float(x) for x in densities]
     if not d or any(not 0.0 <= x <= 1.0 for x in d):
         raise NestingError(f"{layer}: densities must be in [0, 1], got {d}")
-    if any(b > a for a, b in zip(d, d[1:])):
+    if any(b > a for a, b in itertools.pairwise(d)):
         raise NestingError(f"{layer}: densities must be non-increasing (level 0 densest), got {d}")
     return d
 
@@ -106,7 +107,7 @@ def _expand(lm_units: np.ndarray, block: int, shape: Sequence[int]) -> np.ndarra
 
 
 def _unit_counts(densities: Sequence[float], n_units: int) -> list[int]:
-    return [int(round(d * n_units)) for d in densities]
+    return [round(d * n_units) for d in densities]
 
 
 def levelmap_structured(
@@ -198,7 +199,7 @@ def _global(ws, free, d, config, prev, total, fixed_maps) -> dict[str, np.ndarra
     counts = {n: [] for n in free}
     for lvl, dens in enumerate(d):
         kept_fixed = sum(int((lm >= lvl).sum()) for lm in fixed_maps.values())
-        budget = int(round(dens * total)) - kept_fixed
+        budget = round(dens * total) - kept_fixed
         if budget < 0:
             raise ValueError(
                 f"level {lvl}: density {dens} of all weights is below what the first/last layers keep "
@@ -211,8 +212,8 @@ def _global(ws, free, d, config, prev, total, fixed_maps) -> dict[str, np.ndarra
     out = {}
     for n in free:
         if config.balanced:  # the layer's global share, spread evenly over its rows
-            rows, cols = scores[n].shape
-            per_row = [int(round(c / rows)) for c in counts[n]]
+            rows, _cols = scores[n].shape
+            per_row = [round(c / rows) for c in counts[n]]
             lm_units = _assign(scores[n], per_row, True)
         else:
             lm_units = _assign(scores[n], counts[n], False)
@@ -345,12 +346,14 @@ def level_stats(model: NestedModel, *example_inputs) -> list[dict]:
     out = []
     for lvl in range(model.num_levels):
         kept = {n: int(_kept(m, lvl)) for n, m in layers}
-        out.append({
-            "level": lvl,
-            "weights": sum(kept.values()) / dense_w,
-            "flops": sum(positions[n] * kept[n] for n, _ in layers) / dense_f,
-            "layers": {n: kept[n] / m.weight.numel() for n, m in layers},
-        })
+        out.append(
+            {
+                "level": lvl,
+                "weights": sum(kept.values()) / dense_w,
+                "flops": sum(positions[n] * kept[n] for n, _ in layers) / dense_f,
+                "layers": {n: kept[n] / m.weight.numel() for n, m in layers},
+            }
+        )
     return out
 
 

@@ -23,8 +23,7 @@ def nest_exported(ep: torch.export.ExportedProgram, config: PruningConfig) -> to
     gm = ep.module()
     g = gm.graph
     layer_ops = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
-    uses = [n for n in g.nodes if n.op == "call_function" and n.target in layer_ops
-            and n.args[1].op == "get_attr"]
+    uses = [n for n in g.nodes if n.op == "call_function" and n.target in layer_ops and n.args[1].op == "get_attr"]
     if not uses:
         raise ValueError("no conv2d/linear with a parameter weight found in the exported program")
     weights = {}
@@ -48,7 +47,9 @@ def nest_exported(ep: torch.export.ExportedProgram, config: PruningConfig) -> to
         with g.inserting_before(n):
             lm = g.get_attr(w.target.rpartition(".")[0] + "." + buf if "." in w.target else buf)
             keep = g.call_function(torch.ops.aten.ge.Tensor, (lm, level))
-            mask = g.call_function(torch.ops.aten._to_copy.default, (keep,), {"dtype": w.meta.get("val", torch.empty(0)).dtype})
+            mask = g.call_function(
+                torch.ops.aten._to_copy.default, (keep,), {"dtype": w.meta.get("val", torch.empty(0)).dtype}
+            )
             w_eff = g.call_function(torch.ops.aten.mul.Tensor, (w, mask))
         n.replace_input_with(w, w_eff)
     g._codegen = torch.fx.graph.CodeGen()  # plain positional signature: (*inputs, level)

@@ -167,10 +167,14 @@ def nested_loss(
         logits = model(x, level=torch.tensor(lvl))
         loss = F.cross_entropy(logits, y)
         if distill > 0 and teacher is not None:
-            kd = F.kl_div(
-                F.log_softmax(logits / temperature, -1), F.softmax(teacher / temperature, -1),
-                reduction="batchmean",
-            ) * temperature**2
+            kd = (
+                F.kl_div(
+                    F.log_softmax(logits / temperature, -1),
+                    F.softmax(teacher / temperature, -1),
+                    reduction="batchmean",
+                )
+                * temperature**2
+            )
             loss = (1 - distill) * loss + distill * kd
         if teacher is None:
             teacher = logits.detach()
@@ -198,8 +202,10 @@ class Progress:
         if self.tty or self.n % self.every == 0 or self.n == self.total:
             done = int(self.width * self.n / self.total)
             extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
-            line = (f"{self.desc} [{'#' * done}{'.' * (self.width - done)}] {self.n}/{self.total} "
-                    f"{time.perf_counter() - self.t0:.0f}s {extra}")
+            line = (
+                f"{self.desc} [{'#' * done}{'.' * (self.width - done)}] {self.n}/{self.total} "
+                f"{time.perf_counter() - self.t0:.0f}s {extra}"
+            )
             self.stream.write(("\r" + line) if self.tty else line + "\n")
             if self.tty and self.n >= self.total:
                 self.stream.write("\n")
@@ -225,8 +231,9 @@ def _steps_per_epoch(data, batch_size: int) -> int:
 
 def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -382,15 +389,21 @@ def export_torch(model: NestedModel, *example_inputs, path=None) -> torch.export
     return ep
 
 
-def export_onnx(model: NestedModel, *example_inputs, path, input_names: Sequence[str] | None = None,
-                opset: int = 17) -> None:
+def export_onnx(
+    model: NestedModel, *example_inputs, path, input_names: Sequence[str] | None = None, opset: int = 17
+) -> None:
     """ONNX export (TorchScript exporter, ``dynamo=False``) with the level an int64 scalar input named
     ``level`` after the model inputs (named ``input_names``, default ``x``, ``x1``, ...)."""
     model.eval()
     names = list(input_names or [("x" if i == 0 else f"x{i}") for i in range(len(example_inputs))])
     torch.onnx.export(
-        LevelArgument(model), (*example_inputs, example_level(0)), str(path), dynamo=False,
-        opset_version=opset, input_names=[*names, "level"], output_names=["y"],
+        LevelArgument(model),
+        (*example_inputs, example_level(0)),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=[*names, "level"],
+        output_names=["y"],
         dynamic_axes={names[0]: {0: "batch"}, "y": {0: "batch"}},
     )
 
@@ -416,10 +429,16 @@ def digits_cnn(width: int = 32, seed: int = 0) -> nn.Sequential:
     """A small CNN for 8x8 digits: three 3x3 convs (w, 2w, 2w channels), two 2x2 pools, a linear head."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(2 * width * 4, 10),
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * 4, 10),
     )
 
 
@@ -428,7 +447,19 @@ def config_dict(cfg) -> dict:
 
 
 __all__ = [
-    "TrainConfig", "ProgressiveSchedule", "PrunedStayZero", "pick_levels", "nested_loss", "Progress",
-    "train_dense", "train_nested", "evaluate", "LevelArgument", "example_level", "export_torch",
-    "export_onnx", "digits_data", "digits_cnn",
+    "LevelArgument",
+    "Progress",
+    "ProgressiveSchedule",
+    "PrunedStayZero",
+    "TrainConfig",
+    "digits_cnn",
+    "digits_data",
+    "evaluate",
+    "example_level",
+    "export_onnx",
+    "export_torch",
+    "nested_loss",
+    "pick_levels",
+    "train_dense",
+    "train_nested",
 ]

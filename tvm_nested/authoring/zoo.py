@@ -49,8 +49,9 @@ def list_models() -> list[str]:
     d = _light_dir()
     if not os.path.isdir(d):
         return []
-    return sorted(f[len("light_"):-len(".onnx")] for f in os.listdir(d)
-                  if f.startswith("light_") and f.endswith(".onnx"))
+    return sorted(
+        f[len("light_") : -len(".onnx")] for f in os.listdir(d) if f.startswith("light_") and f.endswith(".onnx")
+    )
 
 
 def path_of(name: str) -> str:
@@ -157,8 +158,13 @@ def _seed_weights(model, rng) -> None:
         op, slot, node = _role(name, consumers)
         arr = _random_tensor(shape, op, slot, node, consumers, rng)
         if arr is None:
-            logger.warning("zoo: %s (shape %s) feeds %s input %d: no role known, small normal weights",
-                           name, shape, op or "nothing", slot)
+            logger.warning(
+                "zoo: %s (shape %s) feeds %s input %d: no role known, small normal weights",
+                name,
+                shape,
+                op or "nothing",
+                slot,
+            )
             arr = rng.normal(0.0, 0.01, shape)
         new_inits[name] = numpy_helper.from_array(arr.astype(np.float32), name)
 
@@ -170,8 +176,13 @@ def _seed_weights(model, rng) -> None:
     g.initializer.extend(keep + list(new_inits.values()))
     # IR v3 listed initializers as graph inputs; from IR v4 on they need not be: keep only real inputs
     init_names = {t.name for t in g.initializer}
-    real = [i for i in g.input if i.name not in init_names and (i.name in used or i.name in {o.name for o in g.output})
-            and not i.name.endswith("__SHAPE")]
+    real = [
+        i
+        for i in g.input
+        if i.name not in init_names
+        and (i.name in used or i.name in {o.name for o in g.output})
+        and not i.name.endswith("__SHAPE")
+    ]
     del g.input[:]
     g.input.extend(real)
 
@@ -315,11 +326,16 @@ def load(name: str, seed: int = 0, *, opset: int = ONNX_OPSET, calibrate: bool =
     return model
 
 
-def nested(name: str, densities: Sequence[float] = (0.5, 0.2, 0.1, 0.05), seed: int = 0,
-           keep_first_dense: bool = False, **kwargs):
+def nested(
+    name: str,
+    densities: Sequence[float] = (0.5, 0.2, 0.1, 0.05),
+    seed: int = 0,
+    keep_first_dense: bool = False,
+    **kwargs,
+):
     """``nest_onnx(load(name, seed), densities=densities, ...)``: the zoo model, nested by magnitude."""
 
     return nest_onnx(load(name, seed), densities=densities, keep_first_dense=keep_first_dense, **kwargs)
 
 
-__all__ = ["list_models", "load", "nested", "path_of", "example_input", "check_outputs", "LOGIT_STD"]
+__all__ = ["LOGIT_STD", "check_outputs", "example_input", "list_models", "load", "nested", "path_of"]

@@ -8,8 +8,19 @@ import signal
 import sys
 from pathlib import Path
 
-from ..deploy.board import (DEFAULT_CPU, HOST_TOOLS, Board, BoardError, board_wheels, board_manifest,
-                            default_cache_dir, dir_size, ensure_board, log, missing_host_tools)
+from ..deploy.board import (
+    DEFAULT_CPU,
+    HOST_TOOLS,
+    Board,
+    BoardError,
+    board_manifest,
+    board_wheels,
+    default_cache_dir,
+    dir_size,
+    ensure_board,
+    log,
+    missing_host_tools,
+)
 
 
 def _cmd_setup(a) -> int:
@@ -71,9 +82,7 @@ def board_main(argv: list[str] | None = None) -> int:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--cache-dir", default=None, help=f"where the board lives (default {default_cache_dir()})"
-    )
+    common.add_argument("--cache-dir", default=None, help=f"where the board lives (default {default_cache_dir()})")
     s = sub.add_parser("setup", parents=[common], help="build the board (cached)")
     s.add_argument(
         "--install-tools",

@@ -28,17 +28,31 @@ def _step(msg: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
 
-def run_demo(model: str = DEFAULT_MODEL, densities=DEFAULT_DENSITIES, *, seed: int = 0, threads: int | None = None,
-             target: str = "llvm", repeat: int = 5, out=None) -> list[dict]:
+def run_demo(
+    model: str = DEFAULT_MODEL,
+    densities=DEFAULT_DENSITIES,
+    *,
+    seed: int = 0,
+    threads: int | None = None,
+    target: str = "llvm",
+    repeat: int = 5,
+    out=None,
+) -> list[dict]:
     """Nest, compile once, run and check every level; print and return the table rows."""
     t0 = time.perf_counter()
     threads = threads or os.cpu_count() or 1
     set_num_threads(threads)
-    _step(f"loading {model} from the onnx package's model zoo, seeded weights (seed {seed}), "
-          f"nesting at densities {list(densities)}", t0)
+    _step(
+        f"loading {model} from the onnx package's model zoo, seeded weights (seed {seed}), "
+        f"nesting at densities {list(densities)}",
+        t0,
+    )
     onnx_model = nested(model, densities=densities, seed=seed)
-    inputs = [i for i in onnx_model.graph.input if i.name != LEVEL
-              and i.name not in {init.name for init in onnx_model.graph.initializer}]
+    inputs = [
+        i
+        for i in onnx_model.graph.input
+        if i.name != LEVEL and i.name not in {init.name for init in onnx_model.graph.initializer}
+    ]
     rng = np.random.default_rng(seed)
     feeds = [rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype("float32") for i in inputs]
 
@@ -60,19 +74,30 @@ def run_demo(model: str = DEFAULT_MODEL, densities=DEFAULT_DENSITIES, *, seed: i
         err = max(float(np.max(np.abs(g - r))) for g, r in zip(got, ref))
         scale = max(float(np.max(np.abs(r))) for r in ref) or 1.0
         ms = rt.time(*feeds, level=level, number=1, repeat=repeat)
-        rows.append({"level": level, "density": lib.densities[level], "max_abs_err": err, "rel_err": err / scale,
-                     "latency_ms": ms})
+        rows.append(
+            {
+                "level": level,
+                "density": lib.densities[level],
+                "max_abs_err": err,
+                "rel_err": err / scale,
+                "latency_ms": ms,
+            }
+        )
     lines = [
         f"\n{model}: {lib.num_levels} levels in one module, target {target}, {threads} TVM thread(s), fp32, batch "
         f"{feeds[0].shape[0]}",
         f"weights: dense {dense_mb:.1f} MiB | nested payload {lib.payload_bytes / 2**20:.1f} MiB "
-        f"({lib.payload_bytes / max(lib.csr_bytes, 1):.3f}x a plain CSR of level 0) | module file {module_bytes / 2**20:.1f} MiB",
+        f"({lib.payload_bytes / max(lib.csr_bytes, 1):.3f}x a plain CSR of level 0) | "
+        f"module file {module_bytes / 2**20:.1f} MiB",
         "",
         "| level | density | max abs err vs onnxruntime | rel. to output scale | latency (ms) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['level']} | {r['density']:.1%} | {r['max_abs_err']:.2e} | {r['rel_err']:.2e} | {r['latency_ms']:.1f} |")
+        lines.append(
+            f"| {r['level']} | {r['density']:.1%} | {r['max_abs_err']:.2e} | {r['rel_err']:.2e} "
+            f"| {r['latency_ms']:.1f} |"
+        )
     ok = all(r["rel_err"] <= 1e-4 for r in rows)
     lines.append(f"\nevery level matches onnxruntime (rel. err <= 1e-4): {'yes' if ok else 'NO'}")
     print("\n".join(lines), file=out, flush=True)

@@ -34,23 +34,30 @@ def check_board_arguments(p: argparse.ArgumentParser, args) -> None:
 
 
 def connect_from_args(args, session_timeout: float = 0):
-    return connect(args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout,
-                   session_timeout=session_timeout)
+    return connect(args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout, session_timeout=session_timeout)
 
 
 def deploy_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = ap or argparse.ArgumentParser(prog="tvm-nested deploy")
-    p.description = ("compile (given .onnx/.pt2) or take a compiled .so, upload it to a board over TVM RPC, "
-                     "run and time every level there")
+    p.description = (
+        "compile (given .onnx/.pt2) or take a compiled .so, upload it to a board over TVM RPC, "
+        "run and time every level there"
+    )
     p.add_argument("model", help="a compiled module (.so built for the board) or a model (.onnx, .pt2)")
     add_board_arguments(p, required=True)
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help=f"board target when compiling a model (default {DEFAULT_TARGET!r}; presets rpi4, rpi5, "
-                        "jetson-orin-cpu, tags like raspberry-pi/4b-aarch64)")
+    p.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"board target when compiling a model (default {DEFAULT_TARGET!r}; presets rpi4, rpi5, "
+        "jetson-orin-cpu, tags like raspberry-pi/4b-aarch64)",
+    )
     p.add_argument("--tuning-log", default=None, help="a tuning log for this board target (tvm-nested tune)")
     p.add_argument("--cc", default=None, help="cross compiler (found automatically for aarch64)")
-    p.add_argument("--no-check", action="store_true",
-                   help="when compiling a model: skip the comparison with this machine's build at every level")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="when compiling a model: skip the comparison with this machine's build at every level",
+    )
     p.add_argument("--threads", type=int, default=None, help="TVM threads on the board (default: the board's)")
     p.add_argument("--number", type=int, default=10, help="runs per timing (default 10)")
     p.add_argument("--repeat", type=int, default=3, help="timings per level (default 3)")
@@ -63,15 +70,19 @@ def _target_summary(canonical: str) -> str:
         t = json.loads(canonical)
     except ValueError:
         return canonical or "?"
-    attrs = [f"-{k}={','.join(t[k]) if isinstance(t[k], list) else t[k]}" for k in ("mtriple", "mcpu", "mattr") if k in t]
+    attrs = [
+        f"-{k}={','.join(t[k]) if isinstance(t[k], list) else t[k]}" for k in ("mtriple", "mcpu", "mattr") if k in t
+    ]
     return " ".join([t.get("kind", "?"), *attrs])
 
 
 def _print_table(rt, rows, errors, emulated: bool, where: str) -> None:
     print(f"board {where}: {rt.num_levels} levels, target {_target_summary(rt.info.get('target', ''))}")
     if emulated:
-        print("NOTE: this board is EMULATED (qemu-user, tvm-nested board): the timings below check the "
-              "deployment, they are NOT performance numbers")
+        print(
+            "NOTE: this board is EMULATED (qemu-user, tvm-nested board): the timings below check the "
+            "deployment, they are NOT performance numbers"
+        )
     head = "| level | density | board ms |" + (" max abs err vs host |" if errors else "")
     print(head + "\n|---:|---:|---:|" + ("---:|" if errors else ""))
     for row in rows:
@@ -114,8 +125,11 @@ def deploy_main(argv=None) -> int:
                 ref = reference.run(*inputs, level=lvl)
                 errors[lvl] = max(float(np.max(np.abs(o - r))) if o.size else 0.0 for o, r in zip(outs, ref))
         rows = time_levels(rt, *inputs, number=args.number, repeat=args.repeat)
-        where = (f"{args.rpc[0]}:{args.rpc[1]}" if args.rpc
-                 else f"via tracker {args.tracker[0]}:{args.tracker[1]} key {args.key}")
+        where = (
+            f"{args.rpc[0]}:{args.rpc[1]}"
+            if args.rpc
+            else f"via tracker {args.tracker[0]}:{args.tracker[1]} key {args.key}"
+        )
         _print_table(rt, rows, errors, is_emulated(session), where)
     except (BoardError, ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

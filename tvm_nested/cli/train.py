@@ -51,12 +51,19 @@ def nest_main(argv=None) -> int:
     p.add_argument("--scope", choices=("layer", "global"), default=PruningConfig.scope)
     p.add_argument("--block", type=int, default=PruningConfig.block, help="output channels per block (1, 4, 8)")
     p.add_argument("--balanced", action="store_true", help="every output row keeps the same count per level")
-    p.add_argument("--first-last", type=float, default=None,
-                   help="minimum density of the first and last layer at every level (1.0: dense)")
+    p.add_argument(
+        "--first-last",
+        type=float,
+        default=None,
+        help="minimum density of the first and last layer at every level (1.0: dense)",
+    )
     args = p.parse_args(argv)
     config = PruningConfig(
-        densities=tuple(float(s) for s in args.densities.split(",")), scope=args.scope, block=args.block,
-        balanced=args.balanced, first_last=args.first_last,
+        densities=tuple(float(s) for s in args.densities.split(",")),
+        scope=args.scope,
+        block=args.block,
+        balanced=args.balanced,
+        first_last=args.first_last,
     )
     src = Path(args.model)
     if src.suffix == ".pt2":

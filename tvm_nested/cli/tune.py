@@ -35,14 +35,26 @@ def tune_main(argv=None) -> int:
         raise SystemExit("error: --rpc-tracker and --rpc-key go together")
     runner = "local"
     if args.rpc_tracker:
-        runner = RPCSettings(tracker_host=args.rpc_tracker[0], tracker_port=args.rpc_tracker[1], key=args.rpc_key,
-                             session_timeout=args.session_timeout)
+        runner = RPCSettings(
+            tracker_host=args.rpc_tracker[0],
+            tracker_port=args.rpc_tracker[1],
+            key=args.rpc_key,
+            session_timeout=args.session_timeout,
+        )
     elif args.rpc:
         runner = RPCSettings(host=args.rpc[0], port=args.rpc[1], session_timeout=args.session_timeout)
     levels = None if args.levels is None else [int(v) for v in args.levels.split(",")]
     try:
-        tune(load_model(args.model), args.target, args.log, max_trials=args.trials, runner=runner, levels=levels,
-             seed=args.seed, progress=not args.quiet)
+        tune(
+            load_model(args.model),
+            args.target,
+            args.log,
+            max_trials=args.trials,
+            runner=runner,
+            levels=levels,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
     except TuningLogError as err:
         raise SystemExit(f"error: {err}") from err
     return 0

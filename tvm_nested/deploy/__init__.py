@@ -4,8 +4,26 @@
 real-board path does not need it.
 """
 
-from .remote import (DEFAULT_TARGET, BoardError, board_triple, connect, deploy, is_emulated,
-                     parse_address, time_levels, upload)
+from .remote import (
+    DEFAULT_TARGET,
+    BoardError,
+    board_triple,
+    connect,
+    deploy,
+    is_emulated,
+    parse_address,
+    time_levels,
+    upload,
+)
 
-__all__ = ["DEFAULT_TARGET", "BoardError", "board_triple", "connect", "deploy", "is_emulated",
-           "parse_address", "time_levels", "upload"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "BoardError",
+    "board_triple",
+    "connect",
+    "deploy",
+    "is_emulated",
+    "parse_address",
+    "time_levels",
+    "upload",
+]

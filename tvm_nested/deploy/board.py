@@ -235,9 +235,7 @@ def _fetch_wheels(downloads: Path, pins: dict[str, str]) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     reqs = [f"{n}=={v}" for n, v in pins.items()]
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", *WHEEL_PLATFORM, "-d", str(wheels)]
-    offline = subprocess.run(
-        [*pip, "--no-index", "--find-links", str(wheels), "-q", *reqs], capture_output=True
-    )
+    offline = subprocess.run([*pip, "--no-index", "--find-links", str(wheels), "-q", *reqs], capture_output=True)
     if offline.returncode != 0:
         log(f"pip download aarch64 wheels: {' '.join(reqs)}")
         _run([*pip, "--progress-bar", "off", *reqs])
@@ -410,16 +408,11 @@ def ensure_board(
 
         log("smoke test: import tvm on the board")
         t1 = time.perf_counter()
-        probe = (
-            "import platform, tvm, tvm_ffi; "
-            "print(platform.machine(), tvm.__version__, tvm_ffi.__version__)"
-        )
+        probe = "import platform, tvm, tvm_ffi; print(platform.machine(), tvm.__version__, tvm_ffi.__version__)"
         res = subprocess.run(env.command("-c", probe), capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise BoardError(f"the board cannot import tvm:\n{res.stderr[-3000:]}")
-        log(
-            f"board: {res.stdout.strip()} (import under emulation {time.perf_counter() - t1:.0f}s)"
-        )
+        log(f"board: {res.stdout.strip()} (import under emulation {time.perf_counter() - t1:.0f}s)")
         manifest_file.write_text(json.dumps(want, indent=1))
         log(
             f"board ready in {time.perf_counter() - t0:.0f}s: {cache_dir} "
@@ -458,7 +451,7 @@ def board_available(cache_dir: str | os.PathLike | None = None) -> tuple[bool, s
             except OSError as e:
                 return False, f"cold board cache and {host}:{port} unreachable ({e})"
         return True, "prerequisites present"
-    except Exception as e:  # noqa: BLE001 - a probe must not raise
+    except Exception as e:
         return False, f"probe failed: {e!r}"
 
 
@@ -561,9 +554,7 @@ class Board:
         self.stop()
 
     # -- processes ------------------------------------------------------------------------------
-    def _spawn(
-        self, kind: str, cmd: list[str], env: dict, host: str, port: int, **info
-    ) -> BoardProcess:
+    def _spawn(self, kind: str, cmd: list[str], env: dict, host: str, port: int, **info) -> BoardProcess:
         log = self.run_dir / f"{kind}-{port}-{len(self.procs)}.log"
         with open(log, "wb") as f:
             proc = subprocess.Popen(
@@ -647,9 +638,7 @@ class Board:
         env = dict(os.environ, QEMU_CPU=self.cpu)
         if self.inproc if inproc is None else inproc:
             trk = f"{tracker[0]}:{tracker[1]}" if tracker else ""
-            cmd = self.env.command(
-                "-c", _INPROC_SERVER, host, str(port), str(port_end), trk, key or ""
-            )
+            cmd = self.env.command("-c", _INPROC_SERVER, host, str(port), str(port_end), trk, key or "")
         else:
             cmd = self.env.command(
                 "-m",
@@ -689,10 +678,7 @@ class Board:
             info = rpc.connect_tracker(*bp.tracker).summary()
         except (OSError, RuntimeError):
             return False
-        return any(
-            s.get("key") == f"server:{bp.key}" and s["addr"][1] == bp.port
-            for s in info.get("server_info", [])
-        )
+        return any(s.get("key") == f"server:{bp.key}" and s["addr"][1] == bp.port for s in info.get("server_info", []))
 
     @property
     def running(self) -> list[BoardProcess]:
@@ -727,7 +713,22 @@ class Board:
 
 
 __all__ = [
-    "BOARD_KEY", "DEFAULT_CPU", "HOST_TOOLS", "Board", "BoardEnv", "BoardError", "BoardProcess",
-    "board_available", "board_manifest", "board_wheels", "default_cache_dir", "dir_size",
-    "ensure_board", "free_port", "install_host_tools", "is_listening", "log", "missing_host_tools",
+    "BOARD_KEY",
+    "DEFAULT_CPU",
+    "HOST_TOOLS",
+    "Board",
+    "BoardEnv",
+    "BoardError",
+    "BoardProcess",
+    "board_available",
+    "board_manifest",
+    "board_wheels",
+    "default_cache_dir",
+    "dir_size",
+    "ensure_board",
+    "free_port",
+    "install_host_tools",
+    "is_listening",
+    "log",
+    "missing_host_tools",
 ]

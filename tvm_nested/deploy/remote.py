@@ -62,15 +62,17 @@ def _bounded(fn, timeout: float, what: str):
     def call():
         try:
             box["value"] = fn()
-        except BaseException as err:  # noqa: BLE001 (re-raised in the caller's thread)
+        except BaseException as err:
             box["error"] = err
 
     thread = threading.Thread(target=call, name="tvm-nested-connect", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise BoardError(f"{what}: no answer within {timeout:.0f}s (a TVM RPC server serves one client at a time: "
-                         "is another client using the board? is it a TVM RPC server/tracker at all?)")
+        raise BoardError(
+            f"{what}: no answer within {timeout:.0f}s (a TVM RPC server serves one client at a time: "
+            "is another client using the board? is it a TVM RPC server/tracker at all?)"
+        )
     if "error" in box:
         err = box["error"]
         if isinstance(err, BoardError):
@@ -79,8 +81,7 @@ def _bounded(fn, timeout: float, what: str):
     return box["value"]
 
 
-def connect(rpc=None, *, tracker=None, key: str | None = None, timeout: float = 30.0,
-            session_timeout: float = 0):
+def connect(rpc=None, *, tracker=None, key: str | None = None, timeout: float = 30.0, session_timeout: float = 0):
     """An RPC session with a board: ``rpc="host:port"`` (its server) or ``tracker="host:port"`` + ``key``.
 
     Raises ``BoardError`` within about ``timeout`` seconds when the board or tracker cannot be
@@ -99,20 +100,24 @@ def connect(rpc=None, *, tracker=None, key: str | None = None, timeout: float = 
     except OSError as err:
         raise BoardError(f"{what} unreachable: {err}") from err
     if rpc is not None:
-        return _bounded(lambda: tvm_rpc.connect(*target, session_timeout=session_timeout),
-                        max(deadline - time.monotonic(), 1.0), f"{what}: RPC connect")
+        return _bounded(
+            lambda: tvm_rpc.connect(*target, session_timeout=session_timeout),
+            max(deadline - time.monotonic(), 1.0),
+            f"{what}: RPC connect",
+        )
 
     def via_tracker():
         while True:
             try:
                 queue = tvm_rpc.connect_tracker(*target).summary()["queue_info"]
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 raise BoardError(f"{what}: not a TVM RPC tracker ({err})") from err
             if queue.get(key, {}).get("free", 0) > 0:
                 break
             if time.monotonic() > deadline:
-                raise BoardError(f"{what}: no free server with key {key!r} after {timeout:.0f}s "
-                                 f"(keys: {sorted(queue) or 'none'})")
+                raise BoardError(
+                    f"{what}: no free server with key {key!r} after {timeout:.0f}s (keys: {sorted(queue) or 'none'})"
+                )
             time.sleep(0.5)
         return tvm_rpc.connect_tracker(*target).request(key, session_timeout=session_timeout, max_retry=2)
 
@@ -124,7 +129,7 @@ def is_emulated(session) -> bool:
     not performance numbers."""
     try:
         return bool(session.download(_EMULATED_MARK))
-    except Exception:  # noqa: BLE001 (a real board has no such file)
+    except Exception:
         return False
 
 
@@ -148,9 +153,18 @@ def upload(session, module, *, cc: str | None = None):
     return session.load_module(name)
 
 
-def deploy(module, rpc=None, *, tracker=None, key: str | None = None, timeout: float = 30.0,
-           session_timeout: float = 0, cc: str | None = None, num_threads: int | None = None,
-           session=None) -> NestedRuntime:
+def deploy(
+    module,
+    rpc=None,
+    *,
+    tracker=None,
+    key: str | None = None,
+    timeout: float = 30.0,
+    session_timeout: float = 0,
+    cc: str | None = None,
+    num_threads: int | None = None,
+    session=None,
+) -> NestedRuntime:
     """Upload ``module`` (a ``NestedModule`` or a ``.so`` path) to a board and load it there.
 
     Returns the same ``NestedRuntime`` as ``tvm_nested.load`` gives locally: ``run(*inputs, level=k)``
@@ -161,9 +175,12 @@ def deploy(module, rpc=None, *, tracker=None, key: str | None = None, timeout: f
     if isinstance(module, NestedModule) and module.target.kind.name != "llvm":
         raise ValueError(f"deploy runs CPU (llvm) modules on a board; this one is for {module.target.kind.name}")
     if isinstance(module, NestedModule) and not is_cross(module.target):
-        warnings.warn(f"this module is built for this machine's CPU ({module.target.attrs.get('mtriple', '')}), "
-                      "not for a board: build it with the board's target (e.g. 'rpi4' or "
-                      f"{DEFAULT_TARGET!r})", stacklevel=2)
+        warnings.warn(
+            f"this module is built for this machine's CPU ({module.target.attrs.get('mtriple', '')}), "
+            "not for a board: build it with the board's target (e.g. 'rpi4' or "
+            f"{DEFAULT_TARGET!r})",
+            stacklevel=2,
+        )
     if num_threads is not None and int(num_threads) < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads!r}")
     own = session is None
@@ -185,7 +202,7 @@ def board_triple(session) -> str | None:
     """The board's own LLVM triple (None when its TVM has no LLVM)."""
     try:
         return str(session.get_function("target.llvm_get_system_triple")())
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -195,13 +212,26 @@ def _check_arch(session, triple: str) -> None:
         raise ValueError(f"module built for {triple}, but the board is {board}: build it for the board's target")
 
 
-def time_levels(rt: NestedRuntime, *inputs, number: int = 10, repeat: int = 3,
-                min_repeat_ms: int = 0) -> list[dict]:
+def time_levels(rt: NestedRuntime, *inputs, number: int = 10, repeat: int = 3, min_repeat_ms: int = 0) -> list[dict]:
     """``[{"level", "density", "ms"}]`` for every level of ``rt``, timed on its device (the board)."""
-    return [{"level": lvl, "density": rt.densities[lvl],
-             "ms": rt.time(*inputs, level=lvl, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)}
-            for lvl in range(rt.num_levels)]
+    return [
+        {
+            "level": lvl,
+            "density": rt.densities[lvl],
+            "ms": rt.time(*inputs, level=lvl, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms),
+        }
+        for lvl in range(rt.num_levels)
+    ]
 
 
-__all__ = ["DEFAULT_TARGET", "BoardError", "board_triple", "connect", "deploy", "is_emulated", "parse_address",
-           "time_levels", "upload"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "BoardError",
+    "board_triple",
+    "connect",
+    "deploy",
+    "is_emulated",
+    "parse_address",
+    "time_levels",
+    "upload",
+]

@@ -5,6 +5,12 @@ from .threads import num_threads, set_num_threads
 from .vm import NestedRuntime, flatten, load
 
 __all__ = [
-    "InfoView", "NestedRuntime", "check_info", "example_inputs", "flatten", "load", "num_threads",
+    "InfoView",
+    "NestedRuntime",
+    "check_info",
+    "example_inputs",
+    "flatten",
+    "load",
+    "num_threads",
     "set_num_threads",
 ]

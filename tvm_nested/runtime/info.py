@@ -23,7 +23,9 @@ def check_info(info: dict) -> dict:
     """Refuse metadata this version cannot read."""
     version = info.get("info_version")
     if version != INFO_VERSION:
-        raise ValueError(f"module metadata version {version} is not supported (this tvm_nested reads {INFO_VERSION}); rebuild it")
+        raise ValueError(
+            f"module metadata version {version} is not supported (this tvm_nested reads {INFO_VERSION}); rebuild it"
+        )
     if int(info.get("num_levels", 0)) < 1:
         raise ValueError(f"module metadata has no valid num_levels: {info.get('num_levels')!r}")
     return info

@@ -45,9 +45,7 @@ class NestedRuntime(InfoView):
         try:
             raw = self._vm[INFO_FUNC]()
         except Exception as err:  # not built by tvm_nested
-            raise ValueError(
-                f"this module was not built by tvm_nested.build (no {INFO_FUNC} function): {err}"
-            ) from err
+            raise ValueError(f"this module was not built by tvm_nested.build (no {INFO_FUNC} function): {err}") from err
         self.info = check_info(json.loads(bytes(raw.numpy()).decode()))
         # over RPC a tuple result cannot come back from vm["main"](...): the stateful calls instead
         self._remote = int(self.device.dlpack_device_type()) >= RPC_SESS_MASK
@@ -67,9 +65,7 @@ class NestedRuntime(InfoView):
             else:
                 raise ValueError(f"level must be an integer in 0..{self.num_levels - 1}, got {level!r}")
         if not 0 <= int(level) < self.num_levels:
-            raise ValueError(
-                f"level {int(level)} is out of range: this model has levels 0..{self.num_levels - 1}"
-            )
+            raise ValueError(f"level {int(level)} is out of range: this model has levels 0..{self.num_levels - 1}")
         return int(level)
 
     def level_tensor(self, level: int):
@@ -92,9 +88,7 @@ class NestedRuntime(InfoView):
             x = next(given)
             x = x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) else np.asarray(x)
             if tuple(x.shape) != tuple(p["shape"]):
-                raise ValueError(
-                    f"input {p['name']!r}: expected shape {tuple(p['shape'])}, got {tuple(x.shape)}"
-                )
+                raise ValueError(f"input {p['name']!r}: expected shape {tuple(p['shape'])}, got {tuple(x.shape)}")
             if x.dtype != np.dtype(p["dtype"]):
                 if x.dtype.kind != np.dtype(p["dtype"]).kind:
                     raise ValueError(f"input {p['name']!r}: expected dtype {p['dtype']}, got {x.dtype}")
@@ -116,25 +110,29 @@ class NestedRuntime(InfoView):
         """Outputs of the model at ``level`` as a list of NumPy arrays."""
         return flatten(self.invoke("main", self.arguments(inputs, level)))
 
-    def time_function(self, name: str, args: list, *, number: int = 10, repeat: int = 3,
-                      min_repeat_ms: int = 0) -> list[float]:
+    def time_function(
+        self, name: str, args: list, *, number: int = 10, repeat: int = 3, min_repeat_ms: int = 0
+    ) -> list[float]:
         """Seconds per call of ``name(*args)``, one mean per repeat, timed on the device."""
         with self._lock:
             if self._remote:  # timed on the board; the outputs stay there
                 self._vm.set_input(name, *args)
-                timer = self._vm.time_evaluator("invoke_stateful", self.device, number=number,
-                                                repeat=repeat, min_repeat_ms=min_repeat_ms)
+                timer = self._vm.time_evaluator(
+                    "invoke_stateful", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms
+                )
                 return [float(v) for v in timer(name).results]
-            timer = self._vm.time_evaluator(name, self.device, number=number, repeat=repeat,
-                                            min_repeat_ms=min_repeat_ms)
+            timer = self._vm.time_evaluator(
+                name, self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms
+            )
             return [float(v) for v in timer(*args).results]
 
     def time(self, *inputs, level, number: int = 10, repeat: int = 3, min_repeat_ms: int = 0) -> float:
         """Mean latency of one call at ``level`` in milliseconds, timed on the device."""
         if number < 1 or repeat < 1:
             raise ValueError(f"number and repeat must be >= 1, got {number} and {repeat}")
-        secs = self.time_function("main", self.arguments(inputs, level), number=number, repeat=repeat,
-                                  min_repeat_ms=min_repeat_ms)
+        secs = self.time_function(
+            "main", self.arguments(inputs, level), number=number, repeat=repeat, min_repeat_ms=min_repeat_ms
+        )
         return float(np.mean(secs)) * 1e3
 
     # -- stages and rerouting (build(..., stages=K), with_latency_table)
@@ -147,8 +145,9 @@ class NestedRuntime(InfoView):
         """Outputs of the staged network with stage s at ``levels[s]`` (stages called from the host)."""
         plan = self.stage_plan
         if plan is None:
-            raise ValueError("this module has no stages: build it with stages=K "
-                             "(tvm_nested.build(mod, target, stages=4))")
+            raise ValueError(
+                "this module has no stages: build it with stages=K (tvm_nested.build(mod, target, stages=4))"
+            )
         levels = list(levels)
         if len(levels) != plan["num_stages"]:
             raise ValueError(f"levels must give one level per stage ({plan['num_stages']}), got {len(levels)}")
@@ -165,11 +164,16 @@ class NestedRuntime(InfoView):
         """``main_deadline``'s arguments: ``main``'s and the deadline in microseconds."""
         if self.latency_table is None:
             if self.stage_plan is None:
-                raise ValueError("this module has no stages and no latency table: build it with "
-                                 "stages=K, then " + NO_TABLE_HELP)
+                raise ValueError(
+                    "this module has no stages and no latency table: build it with stages=K, then " + NO_TABLE_HELP
+                )
             raise ValueError("this module has no latency table: " + NO_TABLE_HELP)
-        if (isinstance(deadline_ms, bool) or not isinstance(deadline_ms, numbers.Real)
-                or not math.isfinite(deadline_ms) or deadline_ms < 0):
+        if (
+            isinstance(deadline_ms, bool)
+            or not isinstance(deadline_ms, numbers.Real)
+            or not math.isfinite(deadline_ms)
+            or deadline_ms < 0
+        ):
             raise ValueError(f"deadline_ms must be a finite number >= 0, got {deadline_ms!r}")
         args = self.arguments(inputs, level)
         return [*args, tvm.runtime.tensor(np.array(float(deadline_ms) * 1e3, "float64"), self.device)]

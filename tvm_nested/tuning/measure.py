@@ -61,8 +61,10 @@ class RPCSettings:
             return
         if all(v is not None for v in direct) and all(v is None for v in tracker):
             return
-        raise ValueError("RPCSettings needs either tracker_host, tracker_port and key (an RPC tracker), or host and "
-                         f"port (one board's RPC server), not a mix: got {self}")
+        raise ValueError(
+            "RPCSettings needs either tracker_host, tracker_port and key (an RPC tracker), or host and "
+            f"port (one board's RPC server), not a mix: got {self}"
+        )
 
     @property
     def uses_tracker(self) -> bool:
@@ -206,7 +208,7 @@ class InProcessBuilder(ms.builder.PyBuilder):
             try:
                 path = self.f_export(_build_candidate(item.mod, item.target))
                 results.append(ms.builder.BuilderResult(path, None))
-            except Exception as err:  # noqa: BLE001 (a failed candidate is a result, not a crash)
+            except Exception as err:
                 results.append(ms.builder.BuilderResult(None, f"{type(err).__name__}: {err}"))
         return results
 
@@ -228,23 +230,41 @@ def make_runner(runner, *, kernels=None, levels=(0,), seed=0):
     config = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=MIN_REPEAT_MS)
     alloc = {"kernels": dict(kernels or {}), "levels": list(levels), "seed": seed}
     if runner == "local":
-        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=config,
-                                     f_alloc_argument=functools.partial(_alloc_arguments, **alloc))
+        return ms.runner.LocalRunner(
+            timeout_sec=RUN_TIMEOUT_S,
+            evaluator_config=config,
+            f_alloc_argument=functools.partial(_alloc_arguments, **alloc),
+        )
     if not isinstance(runner, RPCSettings):
-        raise TypeError(f"runner must be 'local' or tvm_nested.tune.RPCSettings, got {type(runner).__name__} "
-                        "(MetaSchedule runners are not accepted: they would measure nested kernels on random indices)")
+        raise TypeError(
+            f"runner must be 'local' or tvm_nested.tune.RPCSettings, got {type(runner).__name__} "
+            "(MetaSchedule runners are not accepted: they would measure nested kernels on random indices)"
+        )
     extra = {}
     if runner.uses_tracker:
-        rpc_config = ms.runner.RPCConfig(tracker_host=runner.tracker_host, tracker_port=runner.tracker_port,
-                                         tracker_key=runner.key, session_timeout_sec=runner.session_timeout)
+        rpc_config = ms.runner.RPCConfig(
+            tracker_host=runner.tracker_host,
+            tracker_port=runner.tracker_port,
+            tracker_key=runner.key,
+            session_timeout_sec=runner.session_timeout,
+        )
     else:
         # RPCConfig insists on tracker fields; the board's address stands in (f_create_session connects directly)
-        rpc_config = ms.runner.RPCConfig(tracker_host=runner.host, tracker_port=runner.port, tracker_key="direct",
-                                         session_timeout_sec=runner.session_timeout)
-        extra["f_create_session"] = functools.partial(_rpc_direct_session, host=runner.host, port=runner.port,
-                                                      timeout=runner.session_timeout)
-    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config,  # time-out: session_timeout
-                               f_alloc_argument=functools.partial(_rpc_alloc, **alloc), **extra)
+        rpc_config = ms.runner.RPCConfig(
+            tracker_host=runner.host,
+            tracker_port=runner.port,
+            tracker_key="direct",
+            session_timeout_sec=runner.session_timeout,
+        )
+        extra["f_create_session"] = functools.partial(
+            _rpc_direct_session, host=runner.host, port=runner.port, timeout=runner.session_timeout
+        )
+    return ms.runner.RPCRunner(
+        rpc_config=rpc_config,
+        evaluator_config=config,  # time-out: session_timeout
+        f_alloc_argument=functools.partial(_rpc_alloc, **alloc),
+        **extra,
+    )
 
 
 def measure_defaults(db, task_mod, target, builder, runner) -> None:
@@ -262,8 +282,9 @@ def measure_defaults(db, task_mod, target, builder, runner) -> None:
     if result.error_msg is not None or not result.run_secs:
         raise RuntimeError(f"default schedule does not run: {result.error_msg}")
     workload = db.commit_workload(task_mod)
-    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [float(v) for v in result.run_secs],
-                                                     target, args_info))
+    db.commit_tuning_record(
+        ms.database.TuningRecord(sch.trace, workload, [float(v) for v in result.run_secs], target, args_info)
+    )
 
 
 def workload_records(db, task_mod) -> list:
@@ -293,5 +314,3 @@ def metaschedule_logging():
     finally:
         for handler in foreign:
             logger.addHandler(handler)
-
-

@@ -37,9 +37,19 @@ from ..schedules import choice, tuning_log
 from ..schedules.cpu import is_nested_kernel
 from ..schedules.space import cpu_space
 from ..target import is_cross, parse_target
-from .measure import (RPCSettings, arg_specs, best_record, call_sites, make_builder, make_runner,
-                      measure_defaults, metaschedule_logging, register_tensor_intrinsics, signature,
-                      workload_records)
+from .measure import (
+    RPCSettings,
+    arg_specs,
+    best_record,
+    call_sites,
+    make_builder,
+    make_runner,
+    measure_defaults,
+    metaschedule_logging,
+    register_tensor_intrinsics,
+    signature,
+    workload_records,
+)
 
 
 @dataclass
@@ -47,13 +57,13 @@ class KernelTuning:
     """One tuned function: a nested kernel or a dense operator task."""
 
     name: str
-    kind: str                      # "nested" or "dense"
-    op: str                        # nested.op ("conv2d", "linear") or the dense task's name
-    trials: int                    # records this run added
-    records: int                   # records of this workload in the log now
-    best_seconds: float | None     # the best record's mean over its timings (levels, for nested)
+    kind: str  # "nested" or "dense"
+    op: str  # nested.op ("conv2d", "linear") or the dense task's name
+    trials: int  # records this run added
+    records: int  # records of this workload in the log now
+    best_seconds: float | None  # the best record's mean over its timings (levels, for nested)
     levels: list[int] = field(default_factory=list)
-    level_seconds: list[float] | None = None   # per level in ``levels``, from the best record
+    level_seconds: list[float] | None = None  # per level in ``levels``, from the best record
 
     def latency(self, level: int) -> float:
         if self.level_seconds is None or level not in self.levels:
@@ -77,21 +87,27 @@ class TuningReport:
         return [k for k in self.kernels if k.kind == "dense"]
 
     def __str__(self) -> str:
-        lines = [f"tuning log {self.log_dir} ({self.seconds:.0f} s)",
-                 "| function | kind | new records | best ms | per level ms |",
-                 "|---|---|---:|---:|---|"]
+        lines = [
+            f"tuning log {self.log_dir} ({self.seconds:.0f} s)",
+            "| function | kind | new records | best ms | per level ms |",
+            "|---|---|---:|---:|---|",
+        ]
         for k in self.kernels:
             best = "-" if k.best_seconds is None else f"{k.best_seconds * 1e3:.4f}"
-            per = "" if k.level_seconds is None else ", ".join(
-                f"L{lvl}: {s * 1e3:.4f}" for lvl, s in zip(k.levels, k.level_seconds))
+            per = (
+                ""
+                if k.level_seconds is None
+                else ", ".join(f"L{lvl}: {s * 1e3:.4f}" for lvl, s in zip(k.levels, k.level_seconds))
+            )
             lines.append(f"| {k.name} | {k.kind} {k.op} | {k.trials} | {best} | {per} |")
         return "\n".join(lines)
 
 
 def _check_cpu(target: tvm.target.Target) -> None:
     if target.kind.name != "llvm":
-        raise ValueError(f"tuning supports llvm (CPU) targets; {target.kind.name} has no nested-kernel "
-                         "design space yet")
+        raise ValueError(
+            f"tuning supports llvm (CPU) targets; {target.kind.name} has no nested-kernel design space yet"
+        )
 
 
 def _has_loops(func) -> bool:
@@ -99,8 +115,18 @@ def _has_loops(func) -> bool:
     return any(len(getattr(p.ty, "shape", ())) > 0 for p in func.params)
 
 
-def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: int = 64, runner="local",
-         levels=None, num_trials_per_iter: int = 16, seed: int = 0, progress: bool = True) -> TuningReport:
+def tune(
+    mod: tvm.IRModule,
+    target,
+    work_dir: str | os.PathLike,
+    *,
+    max_trials: int = 64,
+    runner="local",
+    levels=None,
+    num_trials_per_iter: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> TuningReport:
     """Tune every nested kernel and dense operator of ``mod`` for ``target`` into the log ``work_dir``.
 
     ``max_trials``: measured candidates per function (each nested kernel, each dense task).
@@ -114,8 +140,9 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
     tgt = parse_target(target)
     _check_cpu(tgt)
     if runner == "local" and is_cross(tgt):
-        raise ValueError(f"target {tgt} does not run on this machine: tune it on the board with "
-                         "runner=RPCSettings(...)")
+        raise ValueError(
+            f"target {tgt} does not run on this machine: tune it on the board with runner=RPCSettings(...)"
+        )
     path = tuning_log.open_for_tuning(work_dir, tgt)
     start = time.time()
     say = print if progress else (lambda *a, **k: None)
@@ -136,8 +163,7 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
     if not levels or bad:
         raise ValueError(f"levels must be a non-empty subset of 0..{num_levels - 1}, got {levels}")
     sites = call_sites(lowered)
-    tasks = [t for t in ms.relax_integration.extract_tasks(lowered, tgt)
-             if _has_loops(t.dispatched[0]["main"])]
+    tasks = [t for t in ms.relax_integration.extract_tasks(lowered, tgt) if _has_loops(t.dispatched[0]["main"])]
     tasks.sort(key=lambda t: not is_nested_kernel(t.dispatched[0]["main"]))  # nested kernels first
     kernels = {}  # signature -> real arguments, for every nested kernel
     for t in tasks:
@@ -150,8 +176,10 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
     measure = make_runner(runner, kernels=kernels, levels=levels, seed=seed)
     db = tuning_log.database(path)
     n_nested = sum(is_nested_kernel(t.dispatched[0]["main"]) for t in tasks)
-    say(f"[tvm-nested tune] {len(tasks)} functions ({n_nested} nested), "
-        f"{max_trials} trials each, levels {levels}, log {path}")
+    say(
+        f"[tvm-nested tune] {len(tasks)} functions ({n_nested} nested), "
+        f"{max_trials} trials each, levels {levels}, log {path}"
+    )
     results = []
     for i, task in enumerate(tasks, start=1):
         task_mod = task.dispatched[0]
@@ -159,33 +187,54 @@ def tune(mod: tvm.IRModule, target, work_dir: str | os.PathLike, *, max_trials: 
         nested = is_nested_kernel(func)
         before = len(workload_records(db, task_mod))
         kind = f"nested {func.attrs[ATTR_OP]}" if nested else "dense"
-        say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name} ({kind})"
-            f": {before} records in the log", flush=True)
+        say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name} ({kind}): {before} records in the log", flush=True)
         space = cpu_space(tgt) if nested else "post-order-apply"
         if nested and before == 0:
             measure_defaults(db, task_mod, tgt, builder, measure)
         with metaschedule_logging():
-            ms.tune_tir(task_mod, tgt, str(path), max_trials_global=max_trials,
-                        num_trials_per_iter=min(num_trials_per_iter, max_trials), builder=builder, runner=measure,
-                        database=db, cost_model="xgb", space=space, seed=seed,
-                        strategy=ms.search_strategy.EvolutionarySearch(
-                            population_size=max(64, min(512, 8 * max_trials)), max_fail_count=2))
+            ms.tune_tir(
+                task_mod,
+                tgt,
+                str(path),
+                max_trials_global=max_trials,
+                num_trials_per_iter=min(num_trials_per_iter, max_trials),
+                builder=builder,
+                runner=measure,
+                database=db,
+                cost_model="xgb",
+                space=space,
+                seed=seed,
+                strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=max(64, min(512, 8 * max_trials)), max_fail_count=2
+                ),
+            )
         records = workload_records(db, task_mod)
         best = best_record(records)
         run_secs = [float(s) for s in best.run_secs] if best is not None else None
         per_level = run_secs if nested and run_secs and len(run_secs) == len(levels) else None
-        results.append(KernelTuning(
-            name=task.task_name, kind="nested" if nested else "dense",
-            op=str(func.attrs[ATTR_OP]) if nested else task.task_name,
-            trials=len(records) - before, records=len(records),
-            best_seconds=float(np.mean(run_secs)) if run_secs else None,
-            levels=list(levels) if nested else [], level_seconds=per_level))
+        results.append(
+            KernelTuning(
+                name=task.task_name,
+                kind="nested" if nested else "dense",
+                op=str(func.attrs[ATTR_OP]) if nested else task.task_name,
+                trials=len(records) - before,
+                records=len(records),
+                best_seconds=float(np.mean(run_secs)) if run_secs else None,
+                levels=list(levels) if nested else [],
+                level_seconds=per_level,
+            )
+        )
         r = results[-1]
-        say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name}: +{r.trials} records, best "
+        say(
+            f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name}: +{r.trials} records, best "
             + ("-" if r.best_seconds is None else f"{r.best_seconds * 1e3:.4f} ms")
-            + ("" if per_level is None
-               else " (" + ", ".join(f"L{lv} {s * 1e3:.4f}" for lv, s in zip(levels, per_level)) + ")"),
-            flush=True)
+            + (
+                ""
+                if per_level is None
+                else " (" + ", ".join(f"L{lv} {s * 1e3:.4f}" for lv, s in zip(levels, per_level)) + ")"
+            ),
+            flush=True,
+        )
     report = TuningReport(str(path), str(tgt), results, time.time() - start)
     say(str(report))
     return report
