@@ -70,7 +70,7 @@ def _levels(weight: np.ndarray, densities=DENSITIES) -> np.ndarray:
 
 def make_workload(name: str, seed: int = 0):
     """(PrimFunc, host inputs without level/out, output shape, weight2d, level map2d, conv params)."""
-    from tvm_nested.schedules import NestedCSR, conv2d_output_shape, nested_conv2d, nested_linear
+    from tvm_nested.schedules import Conv2dSpec, LinearSpec, NestedCSR, Packed, kernel
 
     op, p = WORKLOADS[name]
     rng = np.random.default_rng(seed)
@@ -78,7 +78,7 @@ def make_workload(name: str, seed: int = 0):
         w = rng.standard_normal((p["rows"], p["cols"])).astype(np.float32)
         lm = _levels(w)
         fmt = NestedCSR.pack(w, lm, len(DENSITIES))
-        func = nested_linear(fmt, p["batch"], False)
+        func = kernel(LinearSpec(Packed.of(fmt), p["batch"]))
         x = rng.standard_normal((p["batch"], p["cols"])).astype(np.float32)
         return func, fmt, x, (p["batch"], p["rows"]), w, lm
     k, pad = p["k"], p["pad"]
@@ -86,8 +86,8 @@ def make_workload(name: str, seed: int = 0):
     lm = _levels(w)
     fmt = NestedCSR.pack(w, lm, len(DENSITIES))
     shape = (1, p["c"], p["hw"], p["hw"])
-    func = nested_conv2d(fmt, shape, (k, k), (1, 1), (pad,) * 4, (1, 1), 1, False)
-    out = conv2d_output_shape(shape, p["o"], (k, k), (1, 1), (pad,) * 4, (1, 1))
+    spec = Conv2dSpec(Packed.of(fmt), shape, (k, k), (1, 1), (pad,) * 4)
+    func, out = kernel(spec), spec.out_shape
     x = rng.standard_normal(shape).astype(np.float32)
     return func, fmt, x, out, w, lm
 

@@ -128,10 +128,12 @@ def bench_workload(name, target, threads, rng, seed_offset=0):
     import tvm
 
     from tvm_nested.schedules import (
+        Conv2dSpec,
+        LinearSpec,
         NestedCSR,
-        nested_conv2d,
+        Packed,
+        kernel,
         nested_conv2d_ref,
-        nested_linear,
         nested_linear_ref,
         schedule_cpu,
     )
@@ -143,17 +145,15 @@ def bench_workload(name, target, threads, rng, seed_offset=0):
         x = rng.standard_normal((1, C, HW, HW)).astype(np.float32)
         lm = _level_map(w.shape, rng)
         fmt = NestedCSR.pack(w.reshape(O, -1), lm.reshape(O, -1), len(DENSITIES))
-        func = nested_conv2d(fmt, x.shape, (k, k), (s, s), (pad,) * 4, (1, 1), 1, False)
-        oh = (HW + 2 * pad - k) // s + 1
-        out_shape = (1, O, oh, oh)
+        spec = Conv2dSpec(Packed.of(fmt), x.shape, (k, k), (s, s), (pad,) * 4)
+        func, out_shape = kernel(spec), spec.out_shape
     else:
         M, K, B = p
         w = rng.standard_normal((M, K)).astype(np.float32)
         x = rng.standard_normal((B, K)).astype(np.float32)
         lm = _level_map(w.shape, rng)
         fmt = NestedCSR.pack(w, lm, len(DENSITIES))
-        func = nested_linear(fmt, B, False)
-        out_shape = (B, M)
+        func, out_shape = kernel(LinearSpec(Packed.of(fmt), B)), (B, M)
     ex = tvm.compile(schedule_cpu(func, target), target=target)
     base = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for a in fmt.arrays()]
     out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))

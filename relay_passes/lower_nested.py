@@ -31,7 +31,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..contract import FORMAT_VERSION, INFO_ATTR, dtype_of
 from ..schedules.format import NestedCSR, csr_nbytes
-from ..schedules.kernels import nested_conv2d, nested_linear
+from ..schedules.kernel import kernel
+from ..schedules.spec import Conv2dSpec, Epilogue, LinearSpec, Packed
 from .match import NestedLayer, find_nested_layers
 
 
@@ -53,14 +54,15 @@ class _Plan:
         self.layer, self.fmt, self.gv = layer, fmt, gv
 
 
-def _kernel(layer: NestedLayer, fmt):
-    has_bias = layer.bias is not None
+def _spec(layer: NestedLayer, fmt):
+    """The kernel spec of a layer: its geometry, its packed operands, its bias as the epilogue."""
+    epi = Epilogue(bias=layer.bias is not None)
     if layer.op == "conv2d":
         c = layer.conv
-        return nested_conv2d(
-            fmt, c["x_shape"], c["kernel_size"], c["strides"], c["padding"], c["dilation"], c["groups"], has_bias
+        return Conv2dSpec(
+            Packed.of(fmt), c["x_shape"], c["kernel_size"], c["strides"], c["padding"], c["dilation"], c["groups"], epi
         )
-    return nested_linear(fmt, _batch(layer), has_bias)
+    return LinearSpec(Packed.of(fmt), _batch(layer), epi)
 
 
 def _batch(layer: NestedLayer) -> int:
@@ -159,11 +161,10 @@ def _lower_module(mod: tvm.IRModule) -> tvm.IRModule:
         fmt = NestedCSR.pack(layer.weight2d, layer.level_map2d, num_levels)
         gv = None
         if fmt.nnz(0) > 0:
-            name = "nested_conv2d" if layer.op == "conv2d" else "nested_linear"
-            kernel = _kernel(layer, fmt)
-            gv = lowerer.builder_.add_func(kernel, name)
+            func = kernel(_spec(layer, fmt))
+            gv = lowerer.builder_.add_func(func, f"nested_{layer.op if layer.op == 'conv2d' else 'linear'}")
             # add_func makes the GlobalVar name unique; the symbol the kernel is compiled to must follow.
-            lowerer.builder_.update_func(gv, kernel.with_attr("global_symbol", gv.name_hint))
+            lowerer.builder_.update_func(gv, func.with_attr("global_symbol", gv.name_hint))
         lowerer.plans[layer.var] = _Plan(layer, fmt, gv)
         records.append(_info_record(layer, fmt, num_levels))
         records[-1]["kernel"] = None if gv is None else gv.name_hint  # build records its choice

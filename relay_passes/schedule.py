@@ -21,9 +21,10 @@ from tvm import relax
 
 from ..contract import IS_SCHEDULED, as_target
 from ..schedules import tuning_log
-from ..schedules.cpu import is_nested_kernel, schedule_cpu
+from ..schedules.cpu import schedule_cpu
 from ..schedules.cpu_dense import has_blocks, schedule_dense_func
 from ..schedules.cuda import schedule_cuda
+from ..schedules.kernel import is_nested_kernel
 
 # target kind -> the rule for nested kernels
 NESTED_RULES = {"llvm": schedule_cpu, "cuda": schedule_cuda}

@@ -23,17 +23,18 @@ Linear kernels have no dense path yet: they always run sparse.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import tvm
-import tvm_ffi
 
-from ..contract import ATTR_NUM_LEVELS, IS_SCHEDULED, as_target
-from .cpu import is_nested_kernel, schedule_cpu, specialize_cpu
-from .kernels import ATTR_LAYOUT, ATTR_OP, dense_levels_of, specialize_conv
+from ..contract import ATTR_NUM_LEVELS, IS_SCHEDULED, as_target, call_sites
+from .cpu import schedule_cpu, specialize_cpu
+from .kernel import is_nested_kernel, kernel
+from .spec import spec_of, to_json
 
 CHOICE_FILE = "nested_choices.json"
 CHOICE_VERSION = 1
@@ -54,38 +55,15 @@ def choose(sparse_s, dense_s, margin: float = 0.9) -> np.ndarray:
 
 def has_dense_path(func) -> bool:
     """Kernels that can take a dense path: nested conv kernels in the flat layout."""
-    attrs = getattr(func, "attrs", None)
-    return (
-        isinstance(func, tvm.tirx.PrimFunc)
-        and attrs is not None
-        and str(attrs.get(ATTR_OP, "")) == "conv2d"
-        and str(attrs.get(ATTR_LAYOUT, "")) == "flat"
-    )
+    spec = spec_of(func)
+    return spec is not None and spec.op == "conv2d" and spec.layout == "flat"
 
 
 def kernel_key(func, level_len) -> str:
-    """Key of a choice: the all-sparse kernel's structure + the layer's level lengths."""
-    base = specialize_conv(func, "flat", dense_levels=()) if dense_levels_of(func) else func
-    base = base.with_attr("global_symbol", "nested_kernel")  # the name is not the layer
-    h = hashlib.sha1(str(tvm_ffi.structural_hash(base)).encode())
+    """Key of a choice: the all-sparse kernel's spec + the layer's level lengths (not its name)."""
+    h = hashlib.sha1(to_json(dataclasses.replace(spec_of(func), dense_levels=())).encode())
     h.update(np.ascontiguousarray(level_len).tobytes())
     return h.hexdigest()[:20]
-
-
-def _sites(mod):
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-    sites = {}
-
-    def visit(expr):
-        if isinstance(expr, tvm.relax.Call) and expr.op.same_as(call_tir):
-            callee = expr.args[0]
-            if isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint not in sites:
-                sites[callee.name_hint] = list(expr.args[1].fields)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, tvm.relax.Function):
-            tvm.relax.analysis.post_order_visit(func, visit)
-    return sites
 
 
 def _level_len_arg(func, args):
@@ -95,13 +73,18 @@ def _level_len_arg(func, args):
 
 def kernels_with_keys(mod) -> list[tuple[str, object, list, str]]:
     """(name, func, call-site args, key) of every kernel of ``mod`` that has a dense path."""
-    sites = _sites(mod)
+    sites = call_sites(mod)
     out = []
     for gv, func in mod.functions_items():
         if has_dense_path(func) and gv.name_hint in sites:
             args = sites[gv.name_hint]
             out.append((gv.name_hint, func, args, kernel_key(func, _level_len_arg(func, args))))
     return out
+
+
+def with_dense_levels(func, levels):
+    """The same conv kernel with ``levels`` on its dense path."""
+    return kernel(dataclasses.replace(spec_of(func), dense_levels=tuple(levels)))
 
 
 def apply_choices(mod, tables: dict | None) -> tuple[tvm.IRModule, dict[str, list[int]]]:
@@ -114,10 +97,8 @@ def apply_choices(mod, tables: dict | None) -> tuple[tvm.IRModule, dict[str, lis
         table = tables.get(key)
         levels = [] if table is None else [lvl for lvl, v in enumerate(table) if int(v)]
         chosen[name] = levels
-        if levels != dense_levels_of(func):
-            gv = mod.get_global_var(name)
-            new = specialize_conv(func, "flat", dense_levels=levels)
-            mod.update_func(gv, new.with_attr("global_symbol", name))
+        if tuple(levels) != spec_of(func).dense_levels:
+            mod.update_func(mod.get_global_var(name), with_dense_levels(func, levels).with_attr("global_symbol", name))
     return mod, chosen
 
 
@@ -155,8 +136,8 @@ def measure_choices(
     for name, func, args, key in kernels_with_keys(mod):
         num_levels = int(func.attrs[ATTR_NUM_LEVELS])
         lv = list(range(num_levels)) if levels is None else list(levels)
-        sparse = specialize_conv(func, "flat", dense_levels=())
-        dense = specialize_conv(func, "flat", dense_levels=list(range(num_levels)))
+        sparse = with_dense_levels(func, ())
+        dense = with_dense_levels(func, range(num_levels))
         sparse_s = _time_kernel(sparse, target, args, lv, number, repeat)
         dense_s = _time_kernel(dense, target, args, lv, number, repeat)
         full_s = [np.inf] * num_levels

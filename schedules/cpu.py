@@ -18,22 +18,14 @@ features of the target's CPU (``avx512f``, ``avx2``, ``neon``...), so a tag, an 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-import tvm
 from tvm.target.codegen import llvm_cpu_has_features
 
 from ..contract import IS_SCHEDULED, Schedule, as_target, fresh_copy
-from .kernels import (
-    ATTR_CONV,
-    ATTR_KERNEL,
-    ATTR_LANES,
-    ATTR_LAYOUT,
-    ATTR_OP,
-    KERNEL_VERSION,
-    specialize_conv,
-    with_lanes,
-)
+from .kernel import is_nested_kernel, kernel
+from .spec import spec_of
 
 
 @dataclass(frozen=True)
@@ -44,7 +36,7 @@ class CPUKnobs:
     max_vector: int  # widest vectorised dense loop (a few registers of accumulators)
     rows_per_task: int = 1
     unroll: int = 16
-    # linear kernels: interleaved partial sums per row (kernels.with_lanes); 0 = by batch size
+    # linear kernels: interleaved partial sums per row (LinearSpec.lanes); 0 = by batch size
     # (``linear_lanes``). A kernel structure, not a loop transformation: ``schedule_cpu`` applies
     # it before ``apply_knobs``, which only schedules whatever structure the kernel has.
     lanes: int = 0
@@ -87,16 +79,6 @@ def target_family(target) -> str:
 
 def default_knobs(target) -> CPUKnobs:
     return CPU_KNOBS[target_family(target)]
-
-
-def is_nested_kernel(func) -> bool:
-    attrs = getattr(func, "attrs", None)
-    return (
-        isinstance(func, tvm.tirx.PrimFunc)
-        and attrs is not None
-        and ATTR_OP in attrs
-        and str(attrs.get(ATTR_KERNEL, "")).endswith(f"/v{KERNEL_VERSION}")
-    )
 
 
 def vector_extent(extent: int, knobs: CPUKnobs) -> int:
@@ -208,7 +190,7 @@ def _apply_flat(sch: Schedule, knobs: CPUKnobs) -> None:
 
 def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
     """Schedule a nested kernel in place with ``knobs`` (the body of a ScheduleFn space too)."""
-    if str(sch.mod["main"].attrs.get(ATTR_LAYOUT, "rows")) == "flat":
+    if getattr(spec_of(sch.mod["main"]), "layout", None) == "flat":
         _apply_flat(sch, knobs)
         return
     blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
@@ -244,20 +226,20 @@ def apply_knobs(sch: Schedule, knobs: CPUKnobs) -> None:
 def specialize_cpu(func, target, knobs: CPUKnobs | None = None):
     """The CPU structure of a nested kernel (same params): a linear kernel gets its partial sums
     (``linear_lanes``, when it has none yet), a conv kernel in the rows layout the flat layout
-    (``kernels.nested_conv2d_flat``: full-width contiguous vectors, strides by phase planes).
+    (``conv2d_flat.py``: full-width contiguous vectors, strides by phase planes).
     A kernel already specialised, or any other function, is returned as it is. ``build`` and
     ``tune`` call this BEFORE tuning and applying a log, so a log records the kernel that runs."""
     if not is_nested_kernel(func):
         return func
     target = as_target(target)
     knobs = knobs or default_knobs(target)
-    op = str(func.attrs[ATTR_OP])
-    if op == "linear" and int(func.attrs.get(ATTR_LANES, 1)) == 1:
-        lanes = linear_lanes(int(func.params[0].ty.shape[0]), knobs)
+    spec = spec_of(func)
+    if spec.op == "linear" and spec.lanes == 1:
+        lanes = linear_lanes(spec.batch, knobs)
         if lanes > 1:
-            return with_lanes(func, lanes)  # a new function: the input stays intact
-    if op == "conv2d" and str(func.attrs.get(ATTR_LAYOUT, "rows")) == "rows" and ATTR_CONV in func.attrs:
-        return specialize_conv(func, "flat")
+            return kernel(dataclasses.replace(spec, lanes=lanes))  # a new function: the input stays intact
+    if spec.op == "conv2d" and spec.layout == "rows":
+        return kernel(dataclasses.replace(spec, layout="flat"))
     return func
 
 

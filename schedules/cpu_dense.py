@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import tvm
 
 from ..contract import IS_SCHEDULED, Schedule, as_target, fresh_copy
-from .cpu import default_knobs, is_nested_kernel
+from .cpu import default_knobs
+from .kernel import is_nested_kernel
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from ..contract import IS_SCHEDULED, Schedule, as_target, fresh_copy
-from .cpu import is_nested_kernel
-from .kernels import ATTR_OP
+from ..contract import ATTR_OP, IS_SCHEDULED, Schedule, as_target, fresh_copy
+from .conv2d import tile_rows
+from .kernel import is_nested_kernel
 
 # CUDA's limit for statically sized shared memory per block (larger needs dynamic shared memory).
 _STATIC_SHARED_LIMIT = 48 * 1024
@@ -136,7 +136,7 @@ def launch_shape(func, target, knobs: CUDAKnobs | None = None) -> LaunchShape:
         return LaunchShape(op, tx, max(1, min(knobs.rows_per_block, rows, max_threads // tx)))
     if op == "conv2d":
         _, o, _, ow = _shape(func, "out")
-        tx = int(func.attrs.get("nested.tile_rows", 1)) * ow
+        tx = tile_rows(_shape(func, "out")[2], ow) * ow
         if tx > max_threads:
             raise ValueError(f"conv tile of {tx} output positions exceeds the target's {max_threads} threads per block")
         ty = _largest_divisor(o, max(1, min(knobs.threads_per_block, max_threads) // tx))
@@ -274,7 +274,7 @@ def _space_fn(target, knobs: CUDAKnobs | None = None):
     def fn(sch: Schedule) -> Schedule:
         func = sch.mod["main"]
         if not is_nested_kernel(func):
-            raise ValueError("cuda_space schedules nested kernels only (tvm_nested.schedules.kernels)")
+            raise ValueError("cuda_space schedules nested kernels only (tvm_nested.schedules.kernel)")
         ys, xs = _candidates(func, target, knobs)
         # staging is decided once per workload (not sampled): it is kept only when the widest
         # sampled block's window fits, so every sample stays within the shared-memory budget

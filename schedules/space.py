@@ -22,7 +22,8 @@ import itertools
 import tvm
 import tvm_ffi
 
-from .cpu import CPUKnobs, apply_knobs, default_knobs, is_nested_kernel
+from .cpu import CPUKnobs, apply_knobs, default_knobs
+from .kernel import is_nested_kernel
 
 # Values tried for each knob (beside the target family's defaults, always included).
 _ROWS_PER_TASK = (1, 2, 4, 8, 16)

@@ -10,11 +10,12 @@ import pytest
 import torch
 import tvm
 from ir_checks import run_pipeline
+from nested_kernels import nested_conv2d, respecialized
 from torch import nn
 
 import tvm_nested
 from tvm_nested.authoring import nn as tnn
-from tvm_nested.schedules import NestedCSR, nested_conv2d, nested_conv2d_ref, schedule_cpu
+from tvm_nested.schedules import NestedCSR, nested_conv2d_ref, schedule_cpu, spec_of
 from tvm_nested.schedules.choice import (
     CHOICE_FILE,
     apply_choices,
@@ -25,7 +26,6 @@ from tvm_nested.schedules.choice import (
     save_choices,
     specialize_module,
 )
-from tvm_nested.schedules.kernels import dense_levels_of, specialize_conv
 
 HOST = tvm.target.Target("llvm")
 
@@ -78,8 +78,8 @@ def _run(func, fmt, x, bias, level):
 @pytest.mark.parametrize("dense_levels", [[0], [2, 3], [0, 1, 2, 3]], ids=["l0", "l2_3", "all"])
 def test_forced_dense_gives_the_sparse_numbers_at_every_level(dense_levels):
     w, lm, x, bias, fmt, func = _conv_case()
-    dense = specialize_conv(func, "flat", dense_levels=dense_levels)
-    assert dense_levels_of(dense) == dense_levels
+    dense = respecialized(func, layout="flat", dense_levels=tuple(dense_levels))
+    assert list(spec_of(dense).dense_levels) == dense_levels
     for level in range(4):
         ref = nested_conv2d_ref(x, (w, lm), level, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, bias)
         got_sparse = _run(func, fmt, x, bias, level)
@@ -90,17 +90,17 @@ def test_forced_dense_gives_the_sparse_numbers_at_every_level(dense_levels):
 
 def test_key_ignores_the_choice_and_follows_the_level_lengths():
     _, _, _, _, fmt, func = _conv_case()
-    flat = specialize_conv(func, "flat", dense_levels=())
+    flat = respecialized(func, layout="flat", dense_levels=())
     key = kernel_key(flat, fmt.level_len)
-    assert kernel_key(specialize_conv(func, "flat", dense_levels=[1]), fmt.level_len) == key
+    assert kernel_key(respecialized(func, layout="flat", dense_levels=(1,)), fmt.level_len) == key
     other = fmt.level_len.copy()
     other[0, 0] += 1
     assert kernel_key(flat, other) != key
 
 
 def test_dense_level_out_of_range_is_refused():
-    with pytest.raises(ValueError, match="dense level 4"):
-        specialize_conv(_conv_case()[-1], "flat", dense_levels=[4])
+    with pytest.raises(ValueError, match=r"dense levels \(4,\) outside 0\.\.3"):
+        respecialized(_conv_case()[-1], layout="flat", dense_levels=(4,))
 
 
 # --------------------------------------------------------------------------------- whole model
@@ -151,7 +151,7 @@ def test_choice_table_from_log_is_compiled_in_and_recorded(net, tmp_path):
     assert load_choices(tmp_path) == {key0: [1, 0, 1], key1: [0, 0, 0]}
     chosen_mod, chosen = apply_choices(lowered, load_choices(tmp_path))
     assert chosen == {name0: [0, 2], name1: []}
-    assert dense_levels_of(chosen_mod[name0]) == [0, 2] and dense_levels_of(lowered[name0]) == []
+    assert list(spec_of(chosen_mod[name0]).dense_levels) == [0, 2] and list(spec_of(lowered[name0]).dense_levels) == []
 
     # build reads the table from the log directory (a tuning log with only the manifest + table)
     lib = tvm_nested.build(mod, "llvm", tuning_log=tmp_path)

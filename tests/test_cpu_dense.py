@@ -76,7 +76,9 @@ def test_scheduled_dense_matches_unscheduled(kind):
 
 
 def test_rule_leaves_nested_kernels_and_other_targets_alone():
-    from tvm_nested.schedules import NestedCSR, nested_linear
+    from nested_kernels import nested_linear
+
+    from tvm_nested.schedules import NestedCSR
 
     fmt = NestedCSR.pack(np.ones((4, 8), np.float32), np.zeros((4, 8), np.int32), 1)
     assert schedule_dense_func(nested_linear(fmt, 1, False), HOST) is None

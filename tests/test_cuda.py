@@ -18,11 +18,12 @@ import pytest
 import torch
 import tvm
 from ir_checks import run_pipeline, thread_tags
+from nested_kernels import nested_conv2d, nested_linear
 from torch import nn
 
 import tvm_nested
 from tvm_nested.authoring import nn as tnn
-from tvm_nested.schedules import NestedCSR, nested_conv2d, nested_linear
+from tvm_nested.schedules import NestedCSR
 from tvm_nested.schedules import reference as ref
 from tvm_nested.schedules.cuda import (
     CUDA_KNOBS,

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tvm_nested.schedules import FORMAT_VERSION, NestedCSR, csr_nbytes
+from tvm_nested.contract import FORMAT_VERSION
+from tvm_nested.schedules import NestedCSR, csr_nbytes
 
 
 @st.composite

@@ -14,19 +14,19 @@ import warnings
 import numpy as np
 import pytest
 import tvm
+from nested_kernels import nested_conv2d, nested_linear
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from tvm_nested.contract import INFO_ATTR
+from tvm_nested.contract import FORMAT_VERSION, INFO_ATTR
 from tvm_nested.relay_passes import (
     FoldBatchNorm,
     LowerNestedLayers,
     NestedLoweringWarning,
     read_nested_info,
 )
-from tvm_nested.schedules.format import FORMAT_VERSION, NestedCSR, csr_nbytes
-from tvm_nested.schedules.kernels import nested_conv2d, nested_linear
+from tvm_nested.schedules.format import NestedCSR, csr_nbytes
 
 F32 = "float32"
 

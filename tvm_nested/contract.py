@@ -97,6 +97,23 @@ def as_target(target) -> tvm.target.Target:
     return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
 
 
+def call_sites(mod: tvm.IRModule) -> dict[str, list]:
+    """The argument list of the first ``call_tir`` of every callee in ``mod``'s Relax functions."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    sites: dict[str, list] = {}
+
+    def visit(expr):
+        if isinstance(expr, tvm.relax.Call) and expr.op.same_as(call_tir):
+            callee = expr.args[0]
+            if isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint not in sites:
+                sites[callee.name_hint] = list(expr.args[1].fields)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, tvm.relax.Function):
+            tvm.relax.analysis.post_order_visit(func, visit)
+    return sites
+
+
 def fresh_copy(func: PrimFunc) -> PrimFunc:
     """A deep copy: ``Schedule`` rewrites the statements of the function it is given in place, and
     a schedule rule must leave its input intact (callers keep and reuse unscheduled kernels)."""
@@ -131,6 +148,7 @@ __all__ = [
     "Schedule",
     "T",
     "as_target",
+    "call_sites",
     "const_numpy",
     "dtype_of",
     "fresh_copy",

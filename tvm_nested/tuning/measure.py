@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 import tvm_ffi
-from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.support import cc as tvm_cc
@@ -69,23 +68,6 @@ class RPCSettings:
     @property
     def uses_tracker(self) -> bool:
         return self.tracker_host is not None
-
-
-def call_sites(mod: tvm.IRModule) -> dict[str, list]:
-    """First ``call_tir`` argument list of every callee in the Relax functions."""
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-    sites: dict[str, list] = {}
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and expr.op.same_as(call_tir):
-            callee = expr.args[0]
-            if isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint not in sites:
-                sites[callee.name_hint] = list(expr.args[1].fields)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return sites
 
 
 def arg_specs(args: list) -> list:

@@ -30,18 +30,17 @@ import numpy as np
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from ..contract import ATTR_OP
+from ..contract import ATTR_OP, call_sites
 from ..pipeline import pipeline
 from ..relay_passes import read_nested_info
 from ..schedules import choice, tuning_log
-from ..schedules.cpu import is_nested_kernel
+from ..schedules.kernel import is_nested_kernel
 from ..schedules.space import cpu_space
 from ..target import is_cross, parse_target
 from .measure import (
     RPCSettings,
     arg_specs,
     best_record,
-    call_sites,
     make_builder,
     make_runner,
     measure_defaults,
