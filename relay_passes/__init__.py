@@ -3,6 +3,7 @@
 
 from .deadline import AddDeadlineFunction
 from .fold_batchnorm import FoldBatchNorm
+from .fuse_epilogue import FuseEpilogue
 from .level_guard import LevelGuard
 from .lower_nested import LowerNestedLayers, NestedLoweringWarning, read_nested_info
 from .metadata import AttachMetadata, collect_metadata
@@ -15,6 +16,7 @@ __all__ = [
     "ApplyTuningLog",
     "AttachMetadata",
     "FoldBatchNorm",
+    "FuseEpilogue",
     "LevelGuard",
     "LowerNestedLayers",
     "NestedLoweringWarning",

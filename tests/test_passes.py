@@ -686,3 +686,69 @@ def test_onnx_model_every_level():
         ref = sess.run(None, {"x": x, "level": np.array(lvl, "int64")})[0]
         out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(np.array(lvl, "int64"))).numpy()
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4, err_msg=f"level {lvl}")
+
+
+# ------------------------------------------------------------------------------ FuseEpilogue
+def test_fuse_epilogue_residual_relu_and_relu6_match_torch():
+    """conv -> BN -> relu, conv + x -> relu, conv -> relu6: three fused kernels, no elementwise op left
+    in main, and the compiled model equals torch at every level."""
+    import torch
+    from ir_checks import relax_ops, run_pipeline
+    from torch import nn
+
+    import tvm_nested
+    from tvm_nested.authoring import nn as tnn
+    from tvm_nested.schedules import spec_of
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.c3 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.b1(self.c1(x)))
+            z = torch.relu(self.c2(y) + x)
+            return nn.functional.relu6(self.c3(z))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    for p in model.b1.parameters():
+        nn.init.normal_(p)
+    nested = tnn.nest(model, {n: [0.5, 0.2] for n in ("c1", "c2", "c3")}).eval()
+    x = torch.randn(1, 8, 6, 6)
+    mod = tvm_nested.from_torch(nested, (x,), {"level": torch.tensor(0)})
+    graph = run_pipeline(mod)
+    ops = relax_ops(graph["main"])
+    assert ops["relax.call_tir"] == 3 and not {"relax.nn.relu", "relax.add", "relax.clip"} & set(ops)
+    epilogues = sorted(
+        (e.residual, e.activation, e.clip) for f in graph.functions.values() if (s := spec_of(f)) for e in [s.epilogue]
+    )
+    assert epilogues == [(False, "clip", (0.0, 6.0)), (False, "relu", None), (True, "relu", None)]
+    rt = tvm_nested.build(mod, "llvm").runtime()
+    for level in (0, 1):
+        ref = nested(x, level=torch.tensor(level)).detach().numpy()
+        np.testing.assert_allclose(rt.run(x.numpy(), level=level)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_epilogue_leaves_a_result_with_two_users():
+    import torch
+    from ir_checks import relax_ops, run_pipeline
+    from torch import nn
+
+    import tvm_nested
+    from tvm_nested.authoring import nn as tnn
+
+    class TwoUsers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return torch.relu(y) + y
+
+    nested = tnn.nest(TwoUsers().eval(), {"fc": [0.5]}).eval()
+    mod = tvm_nested.from_torch(nested, (torch.randn(2, 8),), {"level": torch.tensor(0)})
+    ops = relax_ops(run_pipeline(mod)["main"])
+    assert ops["relax.nn.relu"] == 1 and ops["relax.add"] == 1

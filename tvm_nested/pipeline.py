@@ -31,6 +31,7 @@ from .relay_passes import (
     ApplyTuningLog,
     AttachMetadata,
     FoldBatchNorm,
+    FuseEpilogue,
     LevelGuard,
     LowerNestedLayers,
     ReportUnscheduled,
@@ -71,8 +72,9 @@ def phases(
     return [
         # Phase 1: graph. Casts of constant level maps folded; inference BatchNorm folded into the
         # conv before it (its weight is what gets packed); nested layers -> call_tir of a kernel
-        # taking the level, weights packed once ("nested.info"); main refuses a level out of range.
-        ("graph", [relax.transform.FoldConstant(), FoldBatchNorm(), LowerNestedLayers(), LevelGuard()]),
+        # taking the level, weights packed once ("nested.info"); residual adds and activations
+        # after a nested layer fused into its kernel; main refuses a level out of range.
+        ("graph", [relax.transform.FoldConstant(), FoldBatchNorm(), LowerNestedLayers(), FuseEpilogue(), LevelGuard()]),
         # Phase 2: stage functions sharing main's kernels and constants (rerouting).
         ("stages", [_stages_pass(stages)]),
         # Phase 3: main_deadline: stages + the on-device rule over the latency table.
