@@ -10,6 +10,7 @@ from .metadata import AttachMetadata, collect_metadata
 from .schedule import ApplyTuningLog, ReportUnscheduled, ScheduleKernels
 from .specialize import SpecializeKernels
 from .stages import SplitStages, read_stage_plan
+from .sum_to_add import SumToAdd
 
 __all__ = [
     "AddDeadlineFunction",
@@ -24,6 +25,7 @@ __all__ = [
     "ScheduleKernels",
     "SpecializeKernels",
     "SplitStages",
+    "SumToAdd",
     "collect_metadata",
     "read_nested_info",
     "read_stage_plan",

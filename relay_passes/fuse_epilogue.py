@@ -102,7 +102,7 @@ def _plan(func: relax.Function, mod: tvm.IRModule) -> list[_Plan]:
                 for v in _vars(a):
                     users.setdefault(v, []).append(var)
     calls = Counter(var2val[v].args[0] for v in var2val if is_call(var2val[v], _CALL_TIR))
-    plans, claimed = [], set()
+    plans, gone, kept = [], set(), set()
     for var, value in var2val.items():
         if not is_call(value, _CALL_TIR) or calls[value.args[0]] != 1:
             continue
@@ -136,11 +136,13 @@ def _plan(func: relax.Function, mod: tvm.IRModule) -> list[_Plan]:
             cur = nxt
             if act != "none":
                 break
-        plan = _Plan(var, cur, skipped, residual, act, clip)
-        touched = {*skipped, cur, *(_vars(residual) if residual is not None else [])}
-        if skipped and not touched & claimed:  # two chains meeting at one add: the first one fuses
-            plans.append(plan)
-            claimed |= touched
+        # chains must not overlap: a var one plan removes (skipped) is nobody's result or residual,
+        # and two plans never write the same result (two chains meeting at one add: the first fuses)
+        res = set(_vars(residual)) if residual is not None else set()
+        if skipped and not ({*skipped} & (gone | kept) or cur in gone | kept or res & gone):
+            plans.append(_Plan(var, cur, skipped, residual, act, clip))
+            gone |= set(skipped)
+            kept |= {cur} | res
     return plans
 
 

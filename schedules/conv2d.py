@@ -9,13 +9,13 @@ Params: ``tir.signature``. ``conv2d(spec)`` builds the layout the spec names:
   local ``TR x OW`` accumulator: ``"update"`` under the data-dependent loop over the channel's
   prefix (the positions innermost), then ``"store"`` (the epilogue; an empty channel stores
   ``epilogue(0)``).
-* ``"flat"`` (CPU): ``conv2d_flat.py``.
+* ``"cpu"``: ``cpu_conv2d.py`` (position tiles outside channels, input offsets per non-zero).
 """
 
 from __future__ import annotations
 
 from ..contract import PrimFunc, T
-from .conv2d_flat import conv2d_flat
+from .cpu_conv2d import conv2d_cpu
 from .spec import Conv2dSpec
 from .tir import clamped, epilogue, kernel_attrs, prefix_len, signature
 
@@ -31,8 +31,8 @@ def conv2d(spec: Conv2dSpec) -> PrimFunc:
     """The nested conv2d kernel of ``spec`` in its layout (unscheduled)."""
     if not isinstance(spec, Conv2dSpec):
         raise ValueError(f"conv2d expects a Conv2dSpec, got {type(spec).__name__}")
-    if spec.layout == "flat":
-        return conv2d_flat(spec)
+    if spec.layout == "cpu":
+        return conv2d_cpu(spec)
     return _rows(spec)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import tvm
 
 from ..contract import IS_SCHEDULED, Schedule, as_target, fresh_copy
-from .cpu import default_knobs
+from .cpu import VECTOR_LANES, target_family
 from .kernel import is_nested_kernel
 
 
@@ -119,7 +119,7 @@ def schedule_dense_func(func, target, knobs: DenseKnobs | None = None):
     if attrs is not None and bool(attrs.get(IS_SCHEDULED, False)):
         return None
     if knobs is None:
-        knobs = DenseKnobs(max_vector=2 * default_knobs(target).vector_lanes)
+        knobs = DenseKnobs(max_vector=2 * VECTOR_LANES[target_family(target)])
     try:
         sch = Schedule(fresh_copy(func))
         root = sch.get_sblock("root")

@@ -75,14 +75,18 @@ class NestedCSR:
     col: np.ndarray  # uint8 | uint16 | int32 [max(nnz, 1)]
     row_ptr: np.ndarray  # int32 [rows + 1]
     level_len: np.ndarray  # uint8 | uint16 | int32 [num_levels, rows]
+    by_column: bool = True  # col holds columns (False: a kernel's own index, see ``pack(index=)``)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def pack(cls, weight2d, level_map2d, num_levels: int) -> NestedCSR:
+    def pack(cls, weight2d, level_map2d, num_levels: int, *, index=None) -> NestedCSR:
         """Pack ``weight2d`` (float32 ``[rows, cols]``) under ``level_map2d`` for ``num_levels``.
 
         ``num_levels`` is the model's L; it may exceed ``1 + max(level_map2d)`` (the levels above
-        this layer's own maximum are then all-pruned for it).
+        this layer's own maximum are then all-pruned for it). ``index``: an integer array of the
+        weight's shape whose entry is stored as the index of each kept weight instead of its column
+        (a kernel's own addressing, e.g. the input offset a conv weight reads); such a format is an
+        operand of that kernel only (``unpack`` and ``level_map`` need columns).
         """
         if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)):
             raise ValueError(f"num_levels must be an int, got {num_levels!r}")
@@ -115,14 +119,39 @@ class NestedCSR:
         if row_ptr[-1] > np.iinfo(np.int32).max:
             raise ValueError(f"{int(row_ptr[-1])} stored weights do not fit int32 row pointers")
 
+        if index is None:
+            entries, top = c_idx, cols - 1
+        else:
+            index = np.asarray(index)
+            if index.shape != w.shape or index.dtype.kind not in "iu":
+                raise ValueError(f"index must be an integer array of the weight's shape {w.shape}")
+            entries = index[r_idx, c_idx]
+            top = int(index.max(initial=0))
+            if entries.size and int(entries.min()) < 0:
+                raise ValueError("index entries must be >= 0")
         if nnz:
             values = w[r_idx, c_idx].astype(np.float32)
-            col = c_idx.astype(_index_dtype(cols - 1))
+            col = entries.astype(_index_dtype(top))
         else:
             values = np.zeros(1, np.float32)
-            col = np.zeros(1, _index_dtype(cols - 1))
+            col = np.zeros(1, _index_dtype(top))
         level_len = counts.astype(_index_dtype(int(counts.max()) if counts.size else 0))
-        return cls._make(rows, cols, num_levels, values, col, row_ptr.astype(np.int32), level_len)
+        fmt = cls._make(rows, cols, num_levels, values, col, row_ptr.astype(np.int32), level_len)
+        if index is not None:
+            object.__setattr__(fmt, "by_column", False)
+        return fmt
+
+    @classmethod
+    def from_arrays(cls, cols: int, arrays) -> NestedCSR:
+        """A format from its operands (``arrays()`` order), e.g. the constants of a kernel call."""
+        values, col, row_ptr, level_len = (np.asarray(a) for a in arrays)
+        num_levels, rows = level_len.shape
+        if row_ptr.shape != (rows + 1,) or values.shape != col.shape:
+            raise ValueError(
+                f"inconsistent operands: row_ptr {row_ptr.shape}, level_len {level_len.shape}, "
+                f"values {values.shape}, col {col.shape}"
+            )
+        return cls._make(rows, cols, num_levels, values, col, row_ptr, level_len)
 
     @classmethod
     def _make(cls, rows, cols, num_levels, values, col, row_ptr, level_len) -> NestedCSR:
@@ -159,6 +188,7 @@ class NestedCSR:
 
     def unpack(self, level: int = 0) -> np.ndarray:
         """The dense effective weight of ``level``: ``weight2d * (level_map2d >= level)``."""
+        self._check_columns()
         level = self._check_level(level)
         out = np.zeros((self.rows, self.cols), np.float32)
         if level >= self.num_levels:
@@ -182,6 +212,7 @@ class NestedCSR:
 
     def unpack_mask(self, level: int = 0) -> np.ndarray:
         """Boolean keep-mask of ``level`` (from the stored positions, not from the values)."""
+        self._check_columns()
         level = self._check_level(level)
         mask = np.zeros((self.rows, self.cols), bool)
         if level >= self.num_levels:
@@ -190,6 +221,10 @@ class NestedCSR:
             s = int(self.row_ptr[r])
             mask[r, self.col[s : s + int(self.level_len[level, r])].astype(np.int64)] = True
         return mask
+
+    def _check_columns(self) -> None:
+        if not self.by_column:
+            raise ValueError("this NestedCSR stores a kernel's own index, not columns: it cannot be unpacked")
 
     @staticmethod
     def _check_level(level) -> int:

@@ -81,4 +81,16 @@ def nested_conv2d_ref(
     return out.astype(np.float32)
 
 
-__all__ = ["effective_weight", "nested_conv2d_ref", "nested_linear_ref"]
+def apply_epilogue(out, epilogue, residual=None) -> np.ndarray:
+    """``act(out + residual)`` as a kernel's ``Epilogue`` says (its bias is in the references)."""
+    out = np.asarray(out, np.float64)
+    if epilogue.residual:
+        out = out + np.asarray(residual, np.float64)
+    if epilogue.activation == "relu":
+        out = np.maximum(out, 0)
+    elif epilogue.activation == "clip":
+        out = np.clip(out, *epilogue.clip)
+    return out.astype(np.float32)
+
+
+__all__ = ["apply_epilogue", "effective_weight", "nested_conv2d_ref", "nested_linear_ref"]

@@ -1,7 +1,7 @@
 """Kernel specs: everything a nested kernel factory is given, as one frozen dataclass.
 
 A spec is data: the packed operands' sizes and dtypes (``Packed``), the layer's geometry, the fused
-epilogue (``Epilogue``) and the target form the schedules chose (lanes, layout, dense levels). A
+epilogue (``Epilogue``) and the target form the schedules chose (layout and CPU knobs). A
 factory turns it into a PrimFunc (``kernel(spec)``); the spec travels with the function as one JSON
 attr (``nested.spec``), so passes and schedules re-specialise a kernel with
 ``kernel(dataclasses.replace(spec_of(func), ...))`` and never rebuild arguments from positional ints.
@@ -18,7 +18,7 @@ from ..contract import ATTR_SPEC
 from .format import NestedCSR
 
 ACTIVATIONS = ("none", "relu", "clip")
-CONV_LAYOUTS = ("rows", "flat")  # "rows": tiles of output rows (the reference form, CUDA); "flat": CPU
+LAYOUTS = ("rows", "cpu")  # "rows": the reference form (CUDA schedules it); "cpu": the CPU kernels
 
 
 def _pos_int(name: str, value, minimum: int = 1) -> int:
@@ -94,31 +94,84 @@ class Epilogue:
 
 
 @dataclass(frozen=True)
+class CPUConvKnobs:
+    """The structure of the CPU conv kernel (``cpu_conv2d.py``); the tuner searches them.
+
+    Four knobs (``direct``, ``pw_align``, ``shift_copies``, ``cblocks``) also change the packed
+    operands (the input offset of every non-zero, the sub-rows), so a knob choice is made before
+    the weights are packed for the CPU, never by rescheduling a compiled loop nest.
+    """
+
+    vl: int = 16  # fp32 lanes of one vector register (16 AVX-512, 8 AVX2, 4 NEON)
+    tile: int = 128  # accumulator lanes (output positions) per tile: a multiple of vl (8 registers)
+    partial: int = 1  # interleaved partial sums over a row's non-zeros
+    oc_chunk: int = 0  # output channels per parallel task; 0: from `threads`
+    threads: int = 1  # threads the automatic oc_chunk plans for (the target's cores)
+    cblocks: int = 1  # input-channel blocks: each output channel becomes this many sub-rows
+    pw_align: int = 1  # staged row width rounded up to a multiple of this (vl: aligned rows)
+    direct: str = "auto"  # 1x1 stride-1 convs read x directly: "auto" (H*W % vl == 0) | "always" | "never"
+    shift_copies: bool = False  # stage one copy per kw shift so every tap load is row-aligned
+
+    def __post_init__(self):
+        for name in ("vl", "tile", "partial", "threads", "cblocks", "pw_align"):
+            _pos_int(f"CPUConvKnobs.{name}", getattr(self, name))
+        _pos_int("CPUConvKnobs.oc_chunk", self.oc_chunk, 0)
+        if self.tile % self.vl:
+            raise ValueError(f"CPUConvKnobs.tile={self.tile} must be a multiple of vl={self.vl}")
+        if self.direct not in ("auto", "always", "never"):
+            raise ValueError(f"CPUConvKnobs.direct must be auto|always|never, got {self.direct!r}")
+
+
+@dataclass(frozen=True)
+class CPULinearKnobs:
+    """The structure of the CPU linear kernel (``cpu_linear.py``); the tuner searches them."""
+
+    vl: int = 16  # fp32 lanes of one vector register
+    partial: int = 8  # GEMV: scalar partial sums per row (gathers); batched: vector partial sums
+    tb: int = 64  # batched: batch rows per tile (the vector dimension)
+    rows_per_task: int = 0  # 0: from `threads`
+    threads: int = 1
+    store: str = "auto"  # batched: "scatter" | "transpose" (in-register V x V) | "auto"
+    prefetch: int = 0  # software prefetch of the row this many rows ahead (0: none)
+    prefetch_max_len: int = 256  # ... only for prefixes shorter than this (long ones stream)
+
+    def __post_init__(self):
+        for name in ("vl", "partial", "tb", "threads", "prefetch_max_len"):
+            _pos_int(f"CPULinearKnobs.{name}", getattr(self, name))
+        _pos_int("CPULinearKnobs.rows_per_task", self.rows_per_task, 0)
+        _pos_int("CPULinearKnobs.prefetch", self.prefetch, 0)
+        if self.store not in ("auto", "scatter", "transpose"):
+            raise ValueError(f"CPULinearKnobs.store must be auto|scatter|transpose, got {self.store!r}")
+
+
+@dataclass(frozen=True)
 class LinearSpec:
     """``out[b, m] = epilogue(sum_j values[j] * x[b, col[j]])`` over the prefix of row m at the level.
 
-    ``lanes`` > 1 (a CPU form): every row's prefix is split into that many interleaved partial sums.
+    ``layout``: "rows" (the reference form; CUDA schedules it) or "cpu" (``cpu_linear.py``, with
+    ``knobs``).
     """
 
     packed: Packed
     batch: int
     epilogue: Epilogue = field(default_factory=Epilogue)
-    lanes: int = 1
+    layout: str = "rows"
+    knobs: CPULinearKnobs | None = None
 
     op = "linear"
 
     def __post_init__(self):
         _pos_int("batch", self.batch)
-        _pos_int("lanes", self.lanes)
+        _check_layout(self, CPULinearKnobs)
 
 
 @dataclass(frozen=True)
 class Conv2dSpec:
     """A nested conv2d, NCHW input, OIHW weight viewed ``[O, C/groups*KH*KW]``.
 
-    ``padding`` is ``(top, left, bottom, right)``. ``layout`` is the compute form (``CONV_LAYOUTS``);
-    ``dense_levels`` (CPU, flat layout) are the levels that scatter the level's prefix into a dense
-    workspace and run a dense conv on it.
+    ``padding`` is ``(top, left, bottom, right)``. ``layout``: "rows" (the reference form, ``col`` =
+    stored column; CUDA schedules it) or "cpu" (``cpu_conv2d.py``: the index of every non-zero is
+    its input offset and ``packed.rows`` = O x ``knobs.cblocks`` sub-rows).
     """
 
     packed: Packed
@@ -130,7 +183,7 @@ class Conv2dSpec:
     groups: int = 1
     epilogue: Epilogue = field(default_factory=Epilogue)
     layout: str = "rows"
-    dense_levels: tuple[int, ...] = ()
+    knobs: CPUConvKnobs | None = None
 
     op = "conv2d"
 
@@ -143,23 +196,20 @@ class Conv2dSpec:
         set_("dilation", _int_tuple("dilation", self.dilation, 2, 1))
         _pos_int("groups", self.groups)
         _, c, _, _ = self.x_shape
-        o, g = self.packed.rows, self.groups
+        o, g = self.out_channels, self.groups
         if c % g or o % g:
             raise ValueError(f"groups={g} does not divide C={c} and O={o}")
         kh, kw = self.kernel_size
         if self.packed.cols != c // g * kh * kw:
             raise ValueError(f"fmt.cols={self.packed.cols} != C/groups*KH*KW = {c // g * kh * kw}")
+        _check_layout(self, CPUConvKnobs)
         oh, ow = self.out_shape[2:]
         if oh < 1 or ow < 1:
             raise ValueError(f"the output would be empty ({oh}x{ow}): kernel larger than the padded input")
-        if self.layout not in CONV_LAYOUTS:
-            raise ValueError(f"layout must be one of {CONV_LAYOUTS}, got {self.layout!r}")
-        levels = tuple(sorted({_pos_int("dense level", v, 0) for v in self.dense_levels}))
-        if any(v >= self.packed.num_levels for v in levels):
-            raise ValueError(f"dense levels {levels} outside 0..{self.packed.num_levels - 1}")
-        if levels and self.layout != "flat":
-            raise ValueError("dense levels need the flat layout")
-        set_("dense_levels", levels)
+
+    @property
+    def out_channels(self) -> int:
+        return self.packed.rows // (self.knobs.cblocks if self.layout == "cpu" else 1)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -169,13 +219,20 @@ class Conv2dSpec:
         (sh, sw), (dh, dw) = self.strides, self.dilation
         return (
             n,
-            self.packed.rows,
+            self.out_channels,
             (h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
             (w + pl + pr - dw * (kw - 1) - 1) // sw + 1,
         )
 
 
-SPECS = {"linear": LinearSpec, "conv2d": Conv2dSpec}
+def _check_layout(spec, knobs_cls) -> None:
+    if spec.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {spec.layout!r}")
+    if (spec.layout == "cpu") != isinstance(spec.knobs, knobs_cls):
+        raise ValueError(f"layout 'cpu' goes with {knobs_cls.__name__} knobs, and only it; got {spec.knobs!r}")
+
+
+SPECS = {"linear": (LinearSpec, CPULinearKnobs), "conv2d": (Conv2dSpec, CPUConvKnobs)}
 
 
 def to_json(spec) -> str:
@@ -184,8 +241,9 @@ def to_json(spec) -> str:
 
 def from_json(text: str):
     raw = json.loads(text)
-    cls = SPECS[raw.pop("op")]
+    cls, knobs_cls = SPECS[raw.pop("op")]
     raw["packed"] = Packed(**raw["packed"])
+    raw["knobs"] = None if raw["knobs"] is None else knobs_cls(**raw["knobs"])
     epi = raw.pop("epilogue")
     raw["epilogue"] = Epilogue(**{**epi, "clip": None if epi["clip"] is None else tuple(epi["clip"])})
     return cls(**raw)
@@ -201,8 +259,10 @@ def spec_of(func):
 
 __all__ = [
     "ACTIVATIONS",
-    "CONV_LAYOUTS",
+    "LAYOUTS",
     "SPECS",
+    "CPUConvKnobs",
+    "CPULinearKnobs",
     "Conv2dSpec",
     "Epilogue",
     "LinearSpec",

@@ -3,6 +3,7 @@
 The expensive tuning runs once per session (``tuned``); the other tests reuse its log.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from nested_models import ConvLinear
 
 import tvm_nested
 from tvm_nested.authoring import nn as tnn
+from tvm_nested.schedules import knob_table
 from tvm_nested.schedules import tuning_log as tunelog
 from tvm_nested.tuning import RPCSettings, tune
 
@@ -50,31 +52,29 @@ def _records(log):
     return [line for line in (log / tunelog.RECORD_FILE).read_text().splitlines() if line.strip()]
 
 
-def _nested_records(log):
-    db = tunelog.database(log)
-    return [
-        r
-        for r in db.get_all_tuning_records()
-        if r.workload.mod["main"].attrs is not None and "nested.op" in r.workload.mod["main"].attrs
-    ]
-
-
-def test_tuning_writes_records_for_nested_kernels(tuned):
-    report = tuned["report"]
+def test_tuning_measures_knob_candidates_of_every_nested_kernel(tuned):
+    report, log = tuned["report"], tuned["log"]
     assert sorted(k.op for k in report.nested) == ["conv2d", "linear"]
+    table = knob_table.load_knobs(log)
+    assert len(table) == 2
     for k in report.nested:
-        assert k.trials > 0 and k.records >= k.trials
+        assert 0 < k.trials <= TRIALS and k.records == k.trials
         assert k.levels == [0, 1, 2]
         assert len(k.level_seconds) == 3 and all(0 < s < 1 for s in k.level_seconds)
         assert k.latency(2) == k.level_seconds[2]
+    for entry in table.values():
+        ok = [m for m in entry["measured"] if m["level_seconds"]]
+        assert ok and len(entry["measured"]) <= TRIALS
+        best = min(float(np.mean(m["level_seconds"])) for m in ok)
+        assert float(np.mean(entry["level_seconds"])) == best  # the best candidate is the one kept
+        assert entry["measured"][0]["knobs"] == entry["measured"][0]["knobs"]  # JSON round trip
     assert report.dense and all(k.records > 0 for k in report.dense)
-    nested = _nested_records(tuned["log"])
-    assert {str(r.workload.mod["main"].attrs["nested.op"]) for r in nested} == {"conv2d", "linear"}
-    assert all(len(r.run_secs) == 3 for r in nested)  # one timing per level
 
 
 def test_build_from_log_measures_nothing_and_uses_the_records(tuned, monkeypatch):
     from tvm.s_tir import meta_schedule as ms
+
+    from tvm_nested.tuning import knobs
 
     def forbidden(*_a, **_k):
         raise AssertionError("build measured or tuned with a tuning log")
@@ -86,6 +86,7 @@ def test_build_from_log_measures_nothing_and_uses_the_records(tuned, monkeypatch
         (ms.runner.LocalRunner, "run"),
         (ms.builder.LocalBuilder, "build"),
         (ms.task_scheduler.TaskScheduler, "tune"),
+        (knobs, "measure"),
     ]:
         monkeypatch.setattr(owner, name, forbidden)
 
@@ -95,27 +96,28 @@ def test_build_from_log_measures_nothing_and_uses_the_records(tuned, monkeypatch
     for level in range(lib.num_levels):
         ref = model(x, level=torch.tensor(level)).detach().numpy()
         _close(rt.run(x.numpy(), level=level)[0], ref)
-
-    # the nested kernels build compiles are the log's best schedules, and tvm.compile's own
-    # legalization (run again inside build) leaves them as they are
+    # every nested layer runs the knobs the log chose (recorded in the module's metadata)
+    table = knob_table.load_knobs(log)
+    assert {json.dumps(e["knobs"], sort_keys=True) for e in table.values()} == {
+        json.dumps(layer["knobs"], sort_keys=True) for layer in lib.info["layers"]
+    }
+    assert all(layer["tuned"] for layer in lib.info["layers"])
+    # the dense functions build compiles are the log's best schedules
     target = lib.target
     plain = run_pipeline(mod, target, tuning_log=log, stop_after="legalize")  # as build and tune do
     applied = run_pipeline(plain, target, tuning_log=log, start_at="schedule", stop_after="schedule")
     db = tunelog.database(log)
-    again = run_pipeline(applied, target, start_at="legalize", stop_after="legalize")
     found = 0
     for task in ms.relax_integration.extract_tasks(plain, target):
         func = task.dispatched[0]["main"]
-        if func.attrs is None or "nested.op" not in func.attrs:
+        sch = db.query_schedule(task.dispatched[0], target, workload_name="main")
+        if (func.attrs is not None and "nested.op" in func.attrs) or sch is None:
             continue
         found += 1
-        sch = db.query_schedule(task.dispatched[0], target, workload_name="main")
-        assert sch is not None, task.task_name
         scheduled = applied[task.task_name]
         assert bool(scheduled.attrs["tirx.is_scheduled"])
         assert tvm_ffi.structural_equal(scheduled.body, sch.mod["main"].body, map_free_vars=True)
-        assert tvm_ffi.structural_equal(again[task.task_name].body, scheduled.body, map_free_vars=True)
-    assert found == 2
+    assert found >= 1
 
 
 def test_log_for_another_target_is_refused(tuned):
@@ -184,7 +186,10 @@ def test_interrupted_run_keeps_records_and_tuning_again_appends(tuned, tmp_path)
     db = tunelog.database(log)  # loads, even if the kill tore the last line
     assert after[: len(before)] == before  # nothing lost or rewritten
     assert len(db.get_all_tuning_records()) > len(before)
-    assert len(_nested_records(log)) >= len(_nested_records(tuned["log"]))
+    # the knob table of the first run is kept whole (rewritten atomically, entries only added to)
+    old, new = knob_table.load_knobs(tuned["log"]), knob_table.load_knobs(log)
+    assert old.keys() <= new.keys()
+    assert all(new[k]["measured"][: len(e["measured"])] == e["measured"] for k, e in old.items())
 
 
 def test_foreign_log_handlers_do_not_break_tuning():

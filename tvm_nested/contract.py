@@ -20,6 +20,8 @@ from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 from tvm.relax.backend.cuda import pipeline as _cuda_backend
 from tvm.s_tir import Schedule  # 0.27: tvm.tir.Schedule moved to tvm.s_tir
 from tvm.script import tirx as T  # 0.27: tvm.script.tir became tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as TB  # TIR built from Python (loops Python unrolls)
 
 # ------------------------------------------------------------------------------- the model input
 LEVEL = "level"  # the name of the level input (DESIGN section 2)
@@ -139,11 +141,13 @@ __all__ = [
     "REROUTE_ATTR",
     "STAGES_ATTR",
     "STAGE_PREFIX",
+    "TB",
     "TVM_FFI_BOARD_PIN",
     "TVM_FFI_SERIES",
     "TVM_SERIES",
     "Constant",
     "CrossToolchain",
+    "IRBuilder",
     "PrimFunc",
     "Schedule",
     "T",

@@ -38,6 +38,7 @@ from .relay_passes import (
     ScheduleKernels,
     SpecializeKernels,
     SplitStages,
+    SumToAdd,
 )
 from .target import parse_target
 
@@ -70,11 +71,22 @@ def phases(
     if latency_table is not None and stages is None:
         raise ValueError("a latency table needs stages: build(..., stages=K, latency_table=table)")
     return [
-        # Phase 1: graph. Casts of constant level maps folded; inference BatchNorm folded into the
+        # Phase 1: graph. Casts of constant level maps folded; ONNX Sum (stack + sum) back to adds;
+        # inference BatchNorm folded into the
         # conv before it (its weight is what gets packed); nested layers -> call_tir of a kernel
         # taking the level, weights packed once ("nested.info"); residual adds and activations
         # after a nested layer fused into its kernel; main refuses a level out of range.
-        ("graph", [relax.transform.FoldConstant(), FoldBatchNorm(), LowerNestedLayers(), FuseEpilogue(), LevelGuard()]),
+        (
+            "graph",
+            [
+                relax.transform.FoldConstant(),
+                SumToAdd(),
+                FoldBatchNorm(),
+                LowerNestedLayers(),
+                FuseEpilogue(),
+                LevelGuard(),
+            ],
+        ),
         # Phase 2: stage functions sharing main's kernels and constants (rerouting).
         ("stages", [_stages_pass(stages)]),
         # Phase 3: main_deadline: stages + the on-device rule over the latency table.

@@ -25,6 +25,7 @@ from tvm.rpc.base import RPC_SESS_MASK
 
 from ..contract import DEADLINE_FUNC, INFO_FUNC, LEVEL
 from .info import InfoView, check_info
+from .profile import profile as profile_call
 from .threads import set_num_threads
 
 NO_TABLE_HELP = (
@@ -105,6 +106,18 @@ class NestedRuntime(InfoView):
             self._vm.set_input(name, *args)
             self._vm.invoke_stateful(name)
             return self._vm.get_outputs(name)
+
+    def instrument(self, callback) -> None:
+        """Call ``callback(func, symbol, before, result, *args)`` around every function the VM
+        calls (None removes it); this process only (``runtime/profile.py`` times with it)."""
+        if self._remote:
+            raise ValueError("instrumenting a module on a board is not supported: profile it on this machine")
+        with self._lock:
+            self._vm.set_instrument(callback)
+
+    def profile(self, *inputs, level: int, repeat: int = 10):
+        """Where the time of one call at ``level`` goes, per function (``runtime/profile.py``)."""
+        return profile_call(self, inputs, self.check_level(level), repeat=repeat)
 
     def run(self, *inputs, level) -> list[np.ndarray]:
         """Outputs of the model at ``level`` as a list of NumPy arrays."""

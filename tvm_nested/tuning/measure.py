@@ -28,7 +28,6 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.support import cc as tvm_cc
 
 from ..contract import CROSS_TOOLCHAINS
-from ..schedules.cpu import apply_knobs, default_knobs
 from ..target import is_cross
 
 # MetaSchedule's evaluator: one timing (>= MIN_REPEAT_MS) per level per candidate.
@@ -70,19 +69,6 @@ class RPCSettings:
         return self.tracker_host is not None
 
 
-def arg_specs(args: list) -> list:
-    """How the runner fills each kernel parameter: ('const', array) | ('level',) | ('random',)."""
-    specs = []
-    for a in args:
-        if isinstance(a, tvm.ir.Constant):
-            specs.append(("const", a.value.numpy()))
-        elif len(a.ty.shape) == 0 and getattr(a.ty.dtype, "dtype", str(a.ty.dtype)).startswith("int"):
-            specs.append(("level",))
-        else:
-            specs.append(("random",))
-    return specs
-
-
 def register_tensor_intrinsics(target: tvm.target.Target) -> None:
     """Register the tensor intrinsics of ``target``'s architecture (idempotent, any order of targets).
 
@@ -118,36 +104,21 @@ def _export_cross(mod, cc: str) -> str:
     return path
 
 
-def signature(args_info) -> str:
-    """A kernel's parameters as the runner sees them (args_info: ["TENSOR", dtype, shape] each)."""
-    return ";".join(f"{info[1]}{[int(v) for v in info[2]]}" for info in args_info)
-
-
-def _alloc_arguments(device, args_info, alloc_repeat, *, kernels, levels, seed):
-    """Runner-side arguments. A nested kernel (found by its signature in ``kernels``) gets its real
-    packed arrays, a random input and one argument set per level in ``levels`` (so its timings are
-    per level, in that order); any other function gets random data, ``alloc_repeat`` times."""
+def _alloc_arguments(device, args_info, alloc_repeat, *, seed=0):
+    """Runner-side arguments of a dense task: normal floats, and integers in {0, 1} (safe as
+    indices: a random integer tensor read as an index would read out of bounds on the board)."""
     rng = np.random.default_rng(seed)
-    specs = kernels.get(signature(args_info))
-    base = []
-    for i, info in enumerate(args_info):
-        dtype, shape = str(info[1]), [int(v) for v in info[2]]
-        spec = specs[i] if specs is not None and i < len(specs) else ("random",)
-        if spec[0] == "const":
-            base.append(spec[1])
-        elif spec[0] == "level":
-            base.append(None)
-        elif dtype.startswith("float"):
-            base.append(rng.standard_normal(shape).astype(dtype))
-        elif dtype.startswith(("int", "uint")):
-            base.append(rng.integers(0, 2, shape).astype(dtype))
-        else:
-            base.append(np.zeros(shape, dtype))
-    sets = [np.array(lvl, "int32") for lvl in levels] if specs is not None else [None] * alloc_repeat
     out = []
-    for level in sets:
+    for _ in range(alloc_repeat):
         row = []
-        for a in (level if a is None else a for a in base):
+        for info in args_info:
+            dtype, shape = str(info[1]), [int(v) for v in info[2]]
+            if dtype.startswith("float"):
+                a = rng.standard_normal(shape).astype(dtype)
+            elif dtype.startswith(("int", "uint")):
+                a = rng.integers(0, 2, shape).astype(dtype)
+            else:
+                a = np.zeros(shape, dtype)
             t = tvm.runtime.empty(a.shape, str(a.dtype), device)  # local or remote (RPC) device alike
             t.copyfrom(a)
             row.append(t)
@@ -161,6 +132,14 @@ def _rpc_alloc(session, device, args_info, alloc_repeat, **kwargs):
 
 def _rpc_direct_session(rpc_config, *, host, port, timeout):
     return tvm.rpc.connect(host, port, session_timeout=timeout)
+
+
+def open_session(settings: RPCSettings):
+    """An RPC session with the board ``settings`` names (directly or through its tracker)."""
+    if settings.uses_tracker:
+        tracker = tvm.rpc.connect_tracker(settings.tracker_host, settings.tracker_port)
+        return tracker.request(settings.key, session_timeout=settings.session_timeout)
+    return tvm.rpc.connect(settings.host, settings.port, session_timeout=settings.session_timeout)
 
 
 def _export_local(mod) -> str:
@@ -206,11 +185,10 @@ def make_builder(target: tvm.target.Target, runner) -> InProcessBuilder:
     return InProcessBuilder(f_export)
 
 
-def make_runner(runner, *, kernels=None, levels=(0,), seed=0):
-    """One MetaSchedule runner for ``runner`` ("local" | RPCSettings) serving every task: nested
-    kernels (``kernels``: signature -> argument specs) are measured on real arrays at each level."""
-    config = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=MIN_REPEAT_MS)
-    alloc = {"kernels": dict(kernels or {}), "levels": list(levels), "seed": seed}
+def make_runner(runner, *, seed=0):
+    """One MetaSchedule runner for ``runner`` ("local" | RPCSettings) serving every dense task."""
+    config = ms.runner.EvaluatorConfig(number=1, repeat=3, min_repeat_ms=MIN_REPEAT_MS)
+    alloc = {"seed": seed}
     if runner == "local":
         return ms.runner.LocalRunner(
             timeout_sec=RUN_TIMEOUT_S,
@@ -220,7 +198,7 @@ def make_runner(runner, *, kernels=None, levels=(0,), seed=0):
     if not isinstance(runner, RPCSettings):
         raise TypeError(
             f"runner must be 'local' or tvm_nested.tune.RPCSettings, got {type(runner).__name__} "
-            "(MetaSchedule runners are not accepted: they would measure nested kernels on random indices)"
+            "(MetaSchedule runners are not accepted: nested kernels are measured on their real weights)"
         )
     extra = {}
     if runner.uses_tracker:
@@ -246,26 +224,6 @@ def make_runner(runner, *, kernels=None, levels=(0,), seed=0):
         evaluator_config=config,  # time-out: session_timeout
         f_alloc_argument=functools.partial(_rpc_alloc, **alloc),
         **extra,
-    )
-
-
-def measure_defaults(db, task_mod, target, builder, runner) -> None:
-    """Measure ``schedule_cpu``'s default knobs first and record them, so the log's best for a
-    nested kernel is never worse than what an untuned build compiles (the search may not sample
-    that grid point within a small trial budget)."""
-    sch = tvm.s_tir.Schedule(task_mod, debug_mask="all")
-    apply_knobs(sch, default_knobs(target))
-    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
-    if built.error_msg is not None:
-        raise RuntimeError(f"default schedule does not build: {built.error_msg}")
-    args_info = ms.arg_info.ArgInfo.from_prim_func(task_mod["main"])
-    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])
-    result = future.result()
-    if result.error_msg is not None or not result.run_secs:
-        raise RuntimeError(f"default schedule does not run: {result.error_msg}")
-    workload = db.commit_workload(task_mod)
-    db.commit_tuning_record(
-        ms.database.TuningRecord(sch.trace, workload, [float(v) for v in result.run_secs], target, args_info)
     )
 
 

@@ -1,52 +1,55 @@
-"""tune: MetaSchedule (XGBoost cost model) over the nested kernels and the dense operators.
+"""tune: the nested kernels' CPU knobs, measured; the dense operators with MetaSchedule (XGBoost).
 
     report = tvm_nested.tune(mod, "llvm", "logs/model", max_trials=64)
     lib = tvm_nested.build(mod, "llvm", tuning_log="logs/model")   # no measurement
 
-The workloads are the PrimFuncs of the one pipeline (``tvm_nested/pipeline.py``) at the end of its
-"legalize" phase: exactly the functions ``build`` schedules and compiles.
+The workloads come from the one pipeline (``tvm_nested/pipeline.py``), so what is tuned is what
+``build`` compiles:
 
-* every nested kernel (a PrimFunc with a ``nested.op`` attr) over ``schedules.space.cpu_space``:
-  the grid of ``schedule_cpu``'s knobs, measured with its REAL packed arrays (the constants at its
-  ``call_tir`` site), a random input and the level. One compiled kernel serves every level, so its
-  schedule is chosen on all levels together: the runner's argument sets cycle through the levels,
-  one timing each, and MetaSchedule ranks a candidate by their mean (the average latency over
-  levels). The per-level timings stay in the record and in the report.
-* every dense operator task (``extract_tasks``) with MetaSchedule's default space. Tasks without
-  loops (the 0-d level guard) are skipped: there is nothing to tune.
+* every nested kernel, after the "stages" phase: a CPU kernel's structure decides how its weights
+  are packed (``schedules/cpu.py``), so its candidates are (packing, kernel) pairs from
+  ``cpu.knob_space`` (tile, input-channel blocks, row alignment, shifted copies, direct reads,
+  channel chunks, partial sums, prefetch), each compiled and timed on the real packed weights at
+  every level asked for (``tuning/knobs.py``: this machine or the board); the best (mean over the
+  levels) goes into the log's knob table, every measurement stays in it, and tuning again measures
+  the candidates not measured yet;
+* every dense operator task, after the "legalize" phase with the knobs applied, with MetaSchedule's
+  default space and XGBoost cost model. Tasks without loops (the 0-d level guard) are skipped.
 
-Everything goes into one tuning log (``schedules/tuning_log.py``: MetaSchedule's JSON database +
-manifest), one line per measured candidate, so an interrupted run keeps what it measured and
-tuning again adds. ``build`` applies it with the pipeline's ``ApplyTuningLog`` (query only).
+One tuning log (``schedules/tuning_log.py``: MetaSchedule's JSON database + manifest, and
+``schedules/knob_table.py``) holds both; an interrupted run keeps what it measured. ``build``
+applies it in the pipeline's "kernels" and "schedule" phases (query only, never measure).
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from ..contract import ATTR_OP, call_sites
+from ..contract import call_sites
 from ..pipeline import pipeline
 from ..relay_passes import read_nested_info
-from ..schedules import choice, tuning_log
+from ..schedules import cpu, knob_table, tuning_log
+from ..schedules.format import NestedCSR
 from ..schedules.kernel import is_nested_kernel
-from ..schedules.space import cpu_space
+from ..schedules.spec import spec_of
 from ..target import is_cross, parse_target
+from . import knobs
 from .measure import (
     RPCSettings,
-    arg_specs,
     best_record,
     make_builder,
     make_runner,
-    measure_defaults,
     metaschedule_logging,
+    open_session,
     register_tensor_intrinsics,
-    signature,
     workload_records,
 )
 
@@ -145,55 +148,107 @@ def tune(
     path = tuning_log.open_for_tuning(work_dir, tgt)
     start = time.time()
     say = print if progress else (lambda *a, **k: None)
-
     with tgt, tvm.transform.PassContext(opt_level=3):
         graph = pipeline(tgt, stop_after="stages")(mod)
-        # the sparse-or-dense choice per layer and level, measured here (local runner) on the
-        # kernels specialised for the target, goes into the log first: the "kernels" phase then
-        # compiles it in, so the log records the kernels build compiles
-        if runner == "local":
-            specialised = pipeline(tgt, start_at="kernels", stop_after="kernels")(graph)
-            choice.save_choices(path, choice.measure_choices(specialised, tgt, levels, progress=say), str(tgt))
-        lowered = pipeline(tgt, tuning_log=path, start_at="kernels", stop_after="legalize")(graph)
-    info = read_nested_info(lowered) or {"num_levels": 1}
+    info = read_nested_info(graph) or {"num_levels": 1}
     num_levels = int(info["num_levels"])
     levels = list(range(num_levels)) if levels is None else [int(v) for v in levels]
     bad = [v for v in levels if not 0 <= v < num_levels]
     if not levels or bad:
         raise ValueError(f"levels must be a non-empty subset of 0..{num_levels - 1}, got {levels}")
-    sites = call_sites(lowered)
-    tasks = [t for t in ms.relax_integration.extract_tasks(lowered, tgt) if _has_loops(t.dispatched[0]["main"])]
-    tasks.sort(key=lambda t: not is_nested_kernel(t.dispatched[0]["main"]))  # nested kernels first
-    kernels = {}  # signature -> real arguments, for every nested kernel
-    for t in tasks:
-        func = t.dispatched[0]["main"]
-        if is_nested_kernel(func):
-            infos = [a.as_json() for a in ms.arg_info.ArgInfo.from_prim_func(func)]
-            kernels[signature(infos)] = arg_specs(sites[t.task_name])
-    register_tensor_intrinsics(tgt)
-    builder = make_builder(tgt, runner)
-    measure = make_runner(runner, kernels=kernels, levels=levels, seed=seed)
+    # 1. nested kernels: their CPU knobs (structure and packing) measured on the real weights,
+    #    into the log's knob table; the "kernels" phase then packs each layer for its best knobs
+    results = _tune_nested(graph, tgt, path, levels, max_trials, runner, seed, say)
+    # 2. the dense remainder: MetaSchedule (XGBoost cost model) over the pipeline's own PrimFuncs
+    with tgt, tvm.transform.PassContext(opt_level=3):
+        lowered = pipeline(tgt, tuning_log=path, start_at="kernels", stop_after="legalize")(graph)
+    results += _tune_dense(lowered, tgt, path, max_trials, num_trials_per_iter, runner, seed, say)
+    report = TuningReport(str(path), str(tgt), results, time.time() - start)
+    say(str(report))
+    return report
+
+
+def _tune_nested(graph, target, path, levels, max_trials, runner, seed, say) -> list[KernelTuning]:
+    session = open_session(runner) if isinstance(runner, RPCSettings) else None
+    try:
+        return _measure_nested(graph, target, path, levels, max_trials, session, seed, say)
+    finally:
+        # a TVM RPC server serves one client: the board must be free for the dense stage's runner
+        # and the caller; the session (and the remote objects that reference it) go now
+        del session
+        gc.collect()
+
+
+def _measure_nested(graph, target, path, levels, max_trials, session, seed, say) -> list[KernelTuning]:
+    table = knob_table.load_knobs(path)
+    sites = call_sites(graph)
+    kernels = [(gv, f) for gv, f in graph.functions_items() if (s := spec_of(f)) is not None and s.layout == "rows"]
+    results = []
+    for i, (gv, func) in enumerate(kernels, start=1):
+        spec, args = spec_of(func), sites[gv.name_hint]
+        fmt = NestedCSR.from_arrays(spec.packed.cols, [c.value.numpy() for c in args[1:5]])
+        key = knob_table.kernel_key(spec, fmt.level_len)
+        entry = table.get(key, {"op": spec.op, "measured": []})
+        done = {json.dumps(m["knobs"], sort_keys=True) for m in entry["measured"]}
+        todo = [k for k in cpu.knob_space(spec, target) if json.dumps(asdict(k), sort_keys=True) not in done]
+        todo = todo[: max(0, max_trials - len(done))]
+        say(
+            f"[tvm-nested tune] {i}/{len(kernels)} {gv.name_hint} (nested {spec.op}): {len(done)} candidates "
+            f"in the log, measuring {len(todo)}",
+            flush=True,
+        )
+        found = knobs.measure(spec, fmt, args, todo, target, levels, session=session, seed=seed)
+        entry["measured"] += [
+            {"knobs": asdict(c.knobs), "level_seconds": c.level_seconds, "error": c.error} for c in found
+        ]
+        ok = [m for m in entry["measured"] if m["level_seconds"]]
+        if not ok:
+            raise RuntimeError(f"{gv.name_hint}: no candidate built and ran: {found[0].error if found else '?'}")
+        best = min(ok, key=lambda m: float(np.mean(m["level_seconds"])))
+        entry["knobs"], entry["level_seconds"] = best["knobs"], best["level_seconds"]
+        knob_table.save_knobs(path, {key: entry})
+        results.append(
+            KernelTuning(
+                name=gv.name_hint,
+                kind="nested",
+                op=spec.op,
+                trials=len(found),
+                records=len(entry["measured"]),
+                best_seconds=float(np.mean(best["level_seconds"])),
+                levels=list(levels),
+                level_seconds=list(best["level_seconds"]),
+            )
+        )
+        say(
+            f"[tvm-nested tune] {gv.name_hint}: best {results[-1].best_seconds * 1e3:.4f} ms ("
+            + ", ".join(f"L{lv} {s * 1e3:.4f}" for lv, s in zip(levels, best["level_seconds"]))
+            + ")",
+            flush=True,
+        )
+    return results
+
+
+def _tune_dense(lowered, target, path, max_trials, num_trials_per_iter, runner, seed, say) -> list[KernelTuning]:
+    tasks = [
+        t
+        for t in ms.relax_integration.extract_tasks(lowered, target)
+        if _has_loops(t.dispatched[0]["main"]) and not is_nested_kernel(t.dispatched[0]["main"])
+    ]
+    if not tasks:
+        return []
+    register_tensor_intrinsics(target)
+    builder = make_builder(target, runner)
+    measure = make_runner(runner, seed=seed)
     db = tuning_log.database(path)
-    n_nested = sum(is_nested_kernel(t.dispatched[0]["main"]) for t in tasks)
-    say(
-        f"[tvm-nested tune] {len(tasks)} functions ({n_nested} nested), "
-        f"{max_trials} trials each, levels {levels}, log {path}"
-    )
     results = []
     for i, task in enumerate(tasks, start=1):
         task_mod = task.dispatched[0]
-        func = task_mod["main"]
-        nested = is_nested_kernel(func)
         before = len(workload_records(db, task_mod))
-        kind = f"nested {func.attrs[ATTR_OP]}" if nested else "dense"
-        say(f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name} ({kind}): {before} records in the log", flush=True)
-        space = cpu_space(tgt) if nested else "post-order-apply"
-        if nested and before == 0:
-            measure_defaults(db, task_mod, tgt, builder, measure)
+        say(f"[tvm-nested tune] dense {i}/{len(tasks)} {task.task_name}: {before} records in the log", flush=True)
         with metaschedule_logging():
             ms.tune_tir(
                 task_mod,
-                tgt,
+                target,
                 str(path),
                 max_trials_global=max_trials,
                 num_trials_per_iter=min(num_trials_per_iter, max_trials),
@@ -201,7 +256,7 @@ def tune(
                 runner=measure,
                 database=db,
                 cost_model="xgb",
-                space=space,
+                space="post-order-apply",
                 seed=seed,
                 strategy=ms.search_strategy.EvolutionarySearch(
                     population_size=max(64, min(512, 8 * max_trials)), max_fail_count=2
@@ -209,34 +264,18 @@ def tune(
             )
         records = workload_records(db, task_mod)
         best = best_record(records)
-        run_secs = [float(s) for s in best.run_secs] if best is not None else None
-        per_level = run_secs if nested and run_secs and len(run_secs) == len(levels) else None
+        secs = [float(s) for s in best.run_secs] if best is not None else None
         results.append(
             KernelTuning(
                 name=task.task_name,
-                kind="nested" if nested else "dense",
-                op=str(func.attrs[ATTR_OP]) if nested else task.task_name,
+                kind="dense",
+                op=task.task_name,
                 trials=len(records) - before,
                 records=len(records),
-                best_seconds=float(np.mean(run_secs)) if run_secs else None,
-                levels=list(levels) if nested else [],
-                level_seconds=per_level,
+                best_seconds=float(np.mean(secs)) if secs else None,
             )
         )
-        r = results[-1]
-        say(
-            f"[tvm-nested tune] {i}/{len(tasks)} {task.task_name}: +{r.trials} records, best "
-            + ("-" if r.best_seconds is None else f"{r.best_seconds * 1e3:.4f} ms")
-            + (
-                ""
-                if per_level is None
-                else " (" + ", ".join(f"L{lv} {s * 1e3:.4f}" for lv, s in zip(levels, per_level)) + ")"
-            ),
-            flush=True,
-        )
-    report = TuningReport(str(path), str(tgt), results, time.time() - start)
-    say(str(report))
-    return report
+    return results
 
 
 __all__ = ["KernelTuning", "RPCSettings", "TuningReport", "tune"]
