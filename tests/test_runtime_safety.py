@@ -116,13 +116,13 @@ def test_a_module_from_another_tvm_series_is_refused_before_loading(tiny_so, tmp
 
 
 _LOAD_FUZZ = """
-import sys, numpy as np, tvm_nested
+import itertools, os, sys, numpy as np, tvm_nested
 from hypothesis import given, settings, HealthCheck, strategies as st
 from tvm_nested.runtime import LibraryError
 data = open(sys.argv[1], "rb").read()
 x = np.ones((2, 32), "float32")
 ref = tvm_nested.load(sys.argv[1]).run(x, level=1)[0]
-path = sys.argv[2]
+count = itertools.count()
 
 @settings(max_examples=int(sys.argv[3]), deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
@@ -134,6 +134,9 @@ def check(kind, at):
         damaged = data[:at] + bytes(len(data) - at)
     else:
         damaged = data[:at] + bytes((i * 131 + 7) % 256 for i in range(len(data) - at))
+    # a fresh file each time: rewriting a library in place under a process that loaded it would
+    # change its mapped code (the dynamic loader shares one mapping per file)
+    path = os.path.join(sys.argv[2], f"damaged{next(count)}.so")
     with open(path, "wb") as f:
         f.write(damaged)
     try:
@@ -151,7 +154,7 @@ print("fuzz ok")
 def test_fuzz_load_on_damaged_files(tiny_so, tmp_path):
     """Truncated, zero-filled or garbage tails at any offset: a clean error or a working module,
     never a signal (run in a subprocess: a crash there fails this test instead of killing pytest)."""
-    out = _python(_LOAD_FUZZ, tiny_so, tmp_path / "damaged.so", 60, timeout=600)
+    out = _python(_LOAD_FUZZ, tiny_so, tmp_path, 60, timeout=600)
     assert out.returncode == 0, (out.returncode, out.stdout[-2000:], out.stderr[-3000:])
     assert "fuzz ok" in out.stdout
 

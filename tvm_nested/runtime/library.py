@@ -78,17 +78,25 @@ def _elf_layout(data: bytes, path: str) -> tuple[int, str]:
         sh_fields = (end + "IIIIII", lambda t: (t[1], t[4], t[5]))
     machine = ELF_MACHINES.get(e_machine, f"machine {e_machine}")
     truncated = f"{path!r} is truncated or damaged ({size} bytes): "
+    if data[6] != 1 or struct.unpack_from(end + "I", data, 20)[0] != 1:
+        raise LibraryError(truncated + "its ELF header is garbled (version)")
+    if phnum == 0:
+        raise LibraryError(truncated + "it has no program headers")
     if phoff + phnum * phentsize > size:
         raise LibraryError(truncated + "its program headers lie past the end (an unfinished copy?)")
     if shoff + shnum * shentsize > size:
         raise LibraryError(truncated + "its section headers lie past the end (an unfinished copy?)")
     fmt, pick = ph_fields
-    if phentsize < struct.calcsize(fmt) and phnum:
+    if phentsize < struct.calcsize(fmt):
         raise LibraryError(truncated + f"program header entries of {phentsize} bytes")
+    loads = 0
     for i in range(phnum):
         p_type, p_offset, p_filesz = pick(struct.unpack_from(fmt, data, phoff + i * phentsize))
+        loads += p_type == PT_LOAD
         if p_type == PT_LOAD and p_offset + p_filesz > size:
             raise LibraryError(truncated + f"segment {i} ends at byte {p_offset + p_filesz} (an unfinished copy?)")
+    if not loads:
+        raise LibraryError(truncated + "it has no loadable segment")
     # the section headers come last in the file: a copy whose tail was never written (zeros, or
     # garbage) loses them first, and the section-name table they point to must be a string table
     fmt, pick = sh_fields

@@ -28,7 +28,7 @@ from tvm.rpc.base import RPC_SESS_MASK
 
 from ..contract import DEADLINE_FUNC, INFO_FUNC, LEVEL
 from .info import InfoView, check_info
-from .library import check_library
+from .library import LibraryError, check_library
 from .threads import set_num_threads
 
 NO_TABLE_HELP = (
@@ -214,7 +214,11 @@ def load(path: str | os.PathLike, device=None, *, num_threads: int | None = None
     built by this TVM series); ``LibraryError`` (a ValueError) says what is wrong with it."""
     path = os.fspath(path)
     check_library(path)
-    return NestedRuntime(tvm.runtime.load_module(path), device, num_threads=num_threads)
+    try:
+        module = tvm.runtime.load_module(path)
+    except RuntimeError as err:  # TVM's InternalError: what the dynamic loader says (a damaged file it maps)
+        raise LibraryError(f"{path!r} cannot be loaded: {str(err).strip().splitlines()[-1]}") from err
+    return NestedRuntime(module, device, num_threads=num_threads)
 
 
 __all__ = ["NO_TABLE_HELP", "NestedRuntime", "flatten", "load"]
