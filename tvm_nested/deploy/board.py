@@ -462,6 +462,8 @@ def board_available(cache_dir: str | os.PathLike | None = None) -> tuple[bool, s
 
 def free_port(host: str = "127.0.0.1", port: int = 9090, port_end: int = 9199) -> int:
     """The first port in [port, port_end) that can be bound now (others use 9090, 9190, ...)."""
+    if port_end <= port:
+        raise BoardError(f"empty port range [{port}, {port_end}): the end must be above the start")
     for p in range(port, port_end):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
@@ -469,6 +471,8 @@ def free_port(host: str = "127.0.0.1", port: int = 9090, port_end: int = 9199) -
                 return p
             except OSError:
                 continue
+    if port_end == port + 1:
+        raise BoardError(f"port {port} on {host} is in use (pick another port, or let it choose a free one)")
     raise BoardError(f"no free port in [{port}, {port_end}) on {host}")
 
 
