@@ -88,7 +88,10 @@ def tracker_summary(host: str, port: int, timeout: float) -> dict:
             if struct.unpack("<i", rpc_base.recvall(sock, 4))[0] != rpc_base.RPC_TRACKER_MAGIC:
                 raise BoardError(f"{what}: not a TVM RPC tracker (wrong handshake)")
             rpc_base.sendjson(sock, [rpc_base.TrackerCode.SUMMARY])
-            return rpc_base.recvjson(sock)
+            reply = rpc_base.recvjson(sock)
+            if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == rpc_base.TrackerCode.SUCCESS):
+                raise BoardError(f"{what}: unexpected answer to a summary request: {str(reply)[:200]}")
+            return reply[1] if isinstance(reply[1], dict) else {}
         except TimeoutError as err:
             raise _no_answer(what, timeout) from err
         except (OSError, ValueError, struct.error) as err:
