@@ -262,6 +262,9 @@ def _parse(line: bytes, torn: bool):
 def read_log(path: Path) -> LogContents:
     """Every workload and record of the log that MetaSchedule can parse; the rest as ``damage``."""
     out = LogContents()
+    # records first: a writer appends a workload before any record of it, so every record read
+    # here finds its workload in the (later, longer) read of the workload file
+    rec_lines, out.torn_record_tail = _lines(read_bytes(path / RECORD_FILE))
     wl_lines, out.torn_workload_tail = _lines(read_bytes(path / WORKLOAD_FILE))
     out.workload_lines = len(wl_lines)
     for i, line in enumerate(wl_lines):
@@ -275,7 +278,6 @@ def read_log(path: Path) -> LogContents:
                 why = f"MetaSchedule cannot read the workload ({_first_line(err)})"
         if why is not None:
             out.damage.append((WORKLOAD_FILE, i + 1, why))
-    rec_lines, out.torn_record_tail = _lines(read_bytes(path / RECORD_FILE))
     for i, line in enumerate(rec_lines):
         obj, why = _parse(line, out.torn_record_tail and i == len(rec_lines) - 1)
         if why is None and not (
