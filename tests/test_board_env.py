@@ -22,7 +22,7 @@ def test_the_wrapper_quotes_hostile_cache_paths(tmp_path):
     marker = tmp_path / "pwned"
     hostile = tmp_path / f'$(touch {marker})`touch {marker}`"q' / "cache"
     wrapper = tmp_path / "board-python"
-    wrapper.write_text(tb._wrapper_text(hostile / "sysroot", hostile / "bin" / "board-python"))
+    wrapper.write_text(tb.wrapper_text(hostile / "sysroot", hostile / "bin" / "board-python"))
     subprocess.run(["sh", str(wrapper), "-c", "pass"], capture_output=True, timeout=60)
     assert not marker.exists()
     assert subprocess.run(["sh", "-n", str(wrapper)]).returncode == 0  # still a valid script

@@ -319,7 +319,7 @@ def _fetch_wheels(downloads: Path, pins: dict[str, str]) -> Path:
     return wheels
 
 
-def _wrapper_text(sysroot: Path, wrapper: Path) -> str:
+def wrapper_text(sysroot: Path, wrapper: Path) -> str:
     # The board python sees only this environment (an x86 PYTHONPATH or venv leaking in makes it
     # import x86 extension modules). Child interpreters (TVM's PopenWorker) come back through here
     # because sitecustomize points sys.executable at this script. The cache paths are quoted for the
@@ -412,7 +412,7 @@ def ensure_board(
     def write_wrapper():  # atomic: a board process may be starting through the old one
         wrapper.parent.mkdir(parents=True, exist_ok=True)
         tmp = wrapper.with_name(f".{wrapper.name}.{os.getpid()}")
-        tmp.write_text(_wrapper_text(sysroot, wrapper))
+        tmp.write_text(wrapper_text(sysroot, wrapper))
         tmp.chmod(0o755)
         os.replace(tmp, wrapper)
 
@@ -422,7 +422,7 @@ def ensure_board(
         # the wrapper bakes in absolute paths: a moved cache (e.g. a copied CI cache) needs a
         # new one, nothing else (the sysroot itself does not depend on where it lies)
         with contextlib.suppress(OSError):
-            if wrapper.read_text() == _wrapper_text(sysroot, wrapper):
+            if wrapper.read_text() == wrapper_text(sysroot, wrapper):
                 return True
         write_wrapper()
         return True
@@ -820,4 +820,5 @@ __all__ = [
     "missing_host_tools",
     "requirements_file",
     "wheel_hashes",
+    "wrapper_text",
 ]
