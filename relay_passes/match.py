@@ -30,6 +30,7 @@ from tvm import relax
 from tvm.relax.dpl import is_op, wildcard
 
 from ..contract import Constant, const_numpy, dtype_of
+from ..schedules.format import check_level_values
 
 # ---------------------------------------------------------------------------------------- patterns
 _lm = wildcard()
@@ -180,6 +181,7 @@ def match_layer(value, label: str, params, var2val, val2var):
     W, LM = const_numpy(w_expr), const_numpy(lm_expr)
     if LM.dtype.kind not in "iu":
         raise ValueError(f"{where}: the level map is not an integer tensor (dtype {LM.dtype})")
+    check_level_values(LM, where)  # in its own dtype: 2**32 in an int64 map is refused, not cast to 0
     if LM.shape != W.shape:
         raise ValueError(f"{where}: the level map shape {LM.shape} differs from the weight shape {W.shape}")
 

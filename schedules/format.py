@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..contract import FORMAT_VERSION
+from ..contract import FORMAT_VERSION, MAX_LEVELS
 
 
 def _index_dtype(max_value: int) -> np.dtype:
@@ -39,16 +39,31 @@ def _index_dtype(max_value: int) -> np.dtype:
     raise ValueError(f"index value {max_value} does not fit in int32")
 
 
+def check_level_values(level_map, where: str = "level map") -> None:
+    """Refuse, naming ``where`` (the layer), a level map that is not integer or holds a value outside
+    ``-1..MAX_LEVELS-1``. Checked in the map's own dtype, before any cast: an int64 map holding 2**32
+    would become 0 in int32, and 2**31 + 2 a negative level."""
+    lm = np.asarray(level_map)
+    if lm.dtype.kind not in "iu":
+        raise ValueError(f"{where}: level map must be an integer array, got dtype {lm.dtype}")
+    if not lm.size:
+        return
+    low, high = lm.min(), lm.max()  # exact in the array's own integer dtype
+    for value in (low, high):
+        if not -1 <= int(value) < MAX_LEVELS:
+            raise ValueError(
+                f"{where}: level map holds {int(value)} ({lm.dtype}); values must be -1 (pruned) or a level "
+                f"0..{MAX_LEVELS - 1} (a model has at most {MAX_LEVELS} levels)"
+            )
+
+
 def _check_level_map(level_map2d, shape: tuple[int, ...], num_levels: int | None) -> np.ndarray:
     lm = np.asarray(level_map2d)
-    if lm.dtype.kind not in "iu":
-        raise ValueError(f"level map must be an integer array, got dtype {lm.dtype}")
+    check_level_values(lm)
     if lm.ndim != 2:
         raise ValueError(f"level map must be 2-D (rows, cols), got shape {lm.shape}")
     if tuple(lm.shape) != tuple(shape):
         raise ValueError(f"level map shape {lm.shape} differs from weight shape {tuple(shape)}")
-    if lm.size and int(lm.min()) < -1:
-        raise ValueError(f"level map holds {int(lm.min())}; values must be -1 (pruned) or a level >= 0")
     if num_levels is not None and lm.size and int(lm.max()) >= num_levels:
         raise ValueError(f"level map holds level {int(lm.max())} >= num_levels={num_levels}")
     return lm.astype(np.int64)

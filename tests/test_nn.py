@@ -173,3 +173,31 @@ def test_levelmap_by_magnitude_refuses_bad_densities(dens):
 def test_num_levels_of():
     assert lmod.num_levels_of([np.full((2,), -1), np.array([0, 3])]) == 4
     assert lmod.num_levels_of([np.full((2,), -1)]) == 1
+
+
+@pytest.mark.parametrize(
+    "value, dtype",
+    [(2**32, np.int64), (2**31 + 2, np.int64), (2**40, np.int64), (-2, np.int64), (300, np.int16), (2**63, np.uint64)],
+    ids=["2**32", "2**31+2", "huge", "below-minus-one", "above-max-levels", "uint64"],
+)
+def test_level_maps_are_checked_in_their_own_dtype(value, dtype):
+    """2**32 in an int64 map became level 0 after the int32 cast, 2**31+2 became -2147483646 reported
+    on 'NestedLinear', and huge values ended in 'Unable to allocate 32.0 TiB'."""
+    lm = np.zeros((4, 8), dtype)
+    lm[1, 2] = value
+    with pytest.raises(lmod.NestingError, match=rf"^fc: level map holds {value} \("):
+        lmod.check_levelmap(lm, (4, 8), layer="fc")
+    with pytest.raises(lmod.NestingError, match=rf"^0: level map holds {value} "):
+        tnn.nest(nn.Sequential(nn.Linear(8, 4)), {"0": lm})
+
+
+def test_a_model_level_map_out_of_range_is_refused_by_name_before_packing():
+    """The passes read the level map from the model (ONNX or torch.export): the same check, naming
+    the layer, before anything is allocated per level."""
+    import tvm_nested
+
+    model = tnn.nest(nn.Sequential(nn.Linear(8, 4)).eval(), {"0": (0.5, 0.25)}).eval()
+    model.module[0].level_map = torch.full((4, 8), 2**32, dtype=torch.int64)
+    mod = tvm_nested.from_torch(model, (torch.ones(1, 8),), {"level": torch.tensor(0)})
+    with pytest.raises(ValueError, match=r"nested linear linear_0 .*level map holds 4294967296 \(int64\)"):
+        tvm_nested.build(mod, "llvm")

@@ -211,6 +211,26 @@ def test_foreign_log_handlers_do_not_break_tuning():
         logger.removeHandler(mine)
 
 
+@pytest.mark.parametrize("verbose, level", [(False, "ERROR"), (True, "INFO")], ids=["quiet", "verbose"])
+def test_metaschedule_logs_reach_the_terminal_only_when_verbose(verbose, level):
+    """tune_tir gives its console handler its logger's level (and logs everything to LOG/logs)."""
+    import logging
+
+    from tvm_nested.tuning.measure import metaschedule_logging
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    before = logger.level
+    with metaschedule_logging(verbose):
+        assert logging.getLevelName(logger.level) == level
+    assert logger.level == before
+
+
+def test_export_to_a_missing_directory_says_so(tuned, tmp_path):
+    lib = tvm_nested.build(tuned["mod"], "llvm")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lib.export_library(tmp_path / "no" / "such" / "m.so")
+
+
 _DESIGN_SPACE_PER_TARGET = """
 import sys
 import tvm

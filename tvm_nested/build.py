@@ -77,6 +77,9 @@ class NestedModule(InfoView):
     def export_library(self, path: str | os.PathLike, *, cc: str | None = None) -> str:
         """Write a shared library; cross-compiles when the target asks (``cc`` names the compiler)."""
         path = os.fspath(path)
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):  # TVM says only "RuntimeError: Compilation error:" after compiling
+            raise FileNotFoundError(f"cannot write {path!r}: directory {parent!r} does not exist")
         kwargs = {}
         triple = str(self.target.attrs.get("mtriple", "")) if self.target.kind.name == "llvm" else ""
         if cc is None and is_cross(self.target) and triple:

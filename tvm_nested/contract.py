@@ -26,6 +26,10 @@ from tvm.script.ir_builder import tirx as TB  # TIR built from Python (loops Pyt
 # ------------------------------------------------------------------------------- the model input
 LEVEL = "level"  # the name of the level input (DESIGN section 2)
 LEVEL_DTYPE = "int32"  # the level's dtype inside the compiled module (the kernels read int32)
+# The most levels a model may have (level map values -1..MAX_LEVELS-1). The packed format keeps a
+# row length per level and row, and every level is measured when tuned: a level map holding 2**31
+# is a mistake (an uninitialised or mis-cast array), refused naming its layer, not 32 TiB allocated.
+MAX_LEVELS = 256
 
 # ----------------------------------------------------------------------- attrs and function names
 ATTR_OP = "nested.op"  # PrimFunc attr: "linear" | "conv2d"; marks a nested kernel
@@ -136,6 +140,7 @@ __all__ = [
     "IS_SCHEDULED",
     "LEVEL",
     "LEVEL_DTYPE",
+    "MAX_LEVELS",
     "NOALIAS",
     "RELAX_BACKENDS",
     "REROUTE_ATTR",

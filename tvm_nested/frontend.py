@@ -13,9 +13,12 @@ the order of the parameters is the model's input order.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import stat
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -42,10 +45,15 @@ def load_onnx(model_or_path):
         path = os.fspath(model_or_path)
         if not os.path.isfile(path):
             raise ValueError(f"from_onnx: no ONNX file at {path!r}")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"from_onnx: {path!r} is empty (0 bytes): not an ONNX model")
         try:
-            return onnx.load(path)
+            model = onnx.load(path)
         except Exception as err:  # protobuf DecodeError and friends
             raise ValueError(f"from_onnx: {path!r} is not a readable ONNX model: {err}") from err
+        if not model.graph.node and not model.graph.input:  # protobuf reads many byte strings as empty messages
+            raise ValueError(f"from_onnx: {path!r} holds no ONNX graph (not an ONNX model?)")
+        return model
     raise ValueError(
         f"from_onnx: expected an onnx.ModelProto or a path to a .onnx file, got {type(model_or_path).__name__}"
     )
@@ -167,7 +175,8 @@ def from_onnx(
         if vi.name not in shapes:
             raise ValueError(
                 f"from_onnx: input {vi.name!r} has shape {_onnx_shape(vi)} with a dynamic or undeclared "
-                f"dimension; tvm_nested compiles static shapes: pass shape_dict={{{vi.name!r}: [...]}}"
+                f"dimension; tvm_nested compiles static shapes: pass shape_dict={{{vi.name!r}: [...]}} "
+                f'(on the command line: --input-shapes "{vi.name}:[...]")'
             )
     if np.dtype(dtypes[LEVEL]).kind not in "iu":
         raise ValueError(f"dtype_dict gives {LEVEL!r} the dtype {dtypes[LEVEL]!r}; the level is an integer")
@@ -178,6 +187,56 @@ def from_onnx(
 
 
 # ------------------------------------------------------------------------------------------ PyTorch
+@contextlib.contextmanager
+def quiet_torch():
+    """torch 2.13's own deprecation notice about its pytree (``isinstance(treespec, LeafSpec)``),
+    raised inside torch.export itself on every load and export: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+        yield
+
+
+def untrusted_reason(path: str) -> str | None:
+    """Why a file is in a place where someone else could have written it (None: only its owner could)."""
+    st = os.stat(path)
+    if st.st_uid not in (os.getuid(), 0):
+        return f"it is owned by another user (uid {st.st_uid})"
+    if st.st_mode & stat.S_IWOTH:
+        return "every user may write to it"
+    parent = os.path.dirname(os.path.realpath(path))
+    pst = os.stat(parent)
+    if pst.st_mode & stat.S_IWOTH and not (pst.st_mode & stat.S_ISVTX and st.st_uid == os.getuid()):
+        return f"its directory {parent!r} is writable by every user (anyone could have put it there)"
+    return None
+
+
+def load_exported_program(path, *, trusted: bool = False):
+    """``torch.export.load`` of a ``.pt2`` archive, for trusted files only.
+
+    A ``.pt2`` archive is unpickled when loaded: a crafted one runs code. Load only archives you
+    made or trust. Unless ``trusted=True`` (``tvm-nested ... --trust-pt2``), one in a place others
+    can write to (owned by another user, writable by all, or in a world-writable directory without
+    the sticky bit) is refused with ``ValueError``. ONNX models carry no code.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"no .pt2 archive at {path!r}")
+    if not trusted:
+        why = untrusted_reason(path)
+        if why is not None:
+            raise ValueError(
+                f"{path!r}: {why}; a .pt2 archive is unpickled by torch.export.load and can run code when "
+                "loaded: load only archives you trust (trusted=True, or --trust-pt2 on the command line)"
+            )
+    import torch  # optional dependency: only the .pt2 route needs it
+
+    with quiet_torch():
+        try:
+            return torch.export.load(path)
+        except Exception as err:  # a zip that is not an export archive, a truncated file...
+            raise ValueError(f"{path!r} is not a readable torch.export archive (.pt2): {err}") from err
+
+
 def _level_param(module) -> inspect.Parameter:
     try:
         sig = inspect.signature(module.forward)
@@ -260,7 +319,8 @@ def from_torch(module, example_args, example_kwargs=None):
     from tvm.relax.frontend.torch import from_exported_program
 
     if isinstance(module, torch.export.ExportedProgram):
-        mod = from_exported_program(module)
+        with quiet_torch():
+            mod = from_exported_program(module)
         _check_level_param(mod, "from_torch")
         return mod
     if not isinstance(module, torch.nn.Module):
@@ -269,9 +329,9 @@ def from_torch(module, example_args, example_kwargs=None):
         raise ValueError(f"from_torch: example_kwargs must be a mapping, got {type(example_kwargs).__name__}")
     args, kwargs = split_level(module, example_args, example_kwargs)
     module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch():
         ep = torch.export.export(module, args, kwargs)
-    mod = from_exported_program(ep)
+        mod = from_exported_program(ep)
     _check_level_param(mod, "from_torch")
     return mod
 
@@ -300,6 +360,8 @@ __all__ = [
     "from_onnx",
     "from_torch",
     "graph_inputs",
+    "load_exported_program",
     "load_onnx",
+    "quiet_torch",
     "upgrade_onnx",
 ]

@@ -19,7 +19,7 @@ import shlex
 from functools import lru_cache
 
 import tvm
-from tvm.target import Target, TargetKind
+from tvm.target import Target, TargetKind, codegen
 
 # Bare triples users type, and what they mean on the boards we deploy to.
 _TRIPLE_ALIASES = {"aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
@@ -98,22 +98,42 @@ def _normalise(d: dict) -> dict:
     return d
 
 
+def _check_cpu(target: Target) -> Target:
+    """LLVM prints "'x' is not a recognized processor (ignoring processor)" and compiles for a generic
+    CPU: an unknown ``-mcpu`` is refused here, with the names LLVM knows for the triple."""
+    if target.kind.name != "llvm" or "mcpu" not in target.attrs:
+        return target
+    cpu = str(target.attrs["mcpu"])
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    if not codegen.llvm_is_valid_cpu(cpu, triple):
+        known = sorted(set(codegen.llvm_get_cpu_archlist(Target({"kind": "llvm", "mtriple": triple}))))
+        raise ValueError(
+            f"-mcpu={cpu} is not a CPU LLVM knows for {triple} (it would compile for a generic CPU); "
+            f"known: {', '.join(known[:40])}{' ...' if len(known) > 40 else ''}"
+        )
+    return target
+
+
 def parse_target(target) -> Target:
     """Any target form users know -> ``tvm.target.Target`` (see module docstring)."""
     if isinstance(target, Target):
-        return target
+        return _check_cpu(target)
     if isinstance(target, dict):
-        return Target(_normalise(target))
+        return _check_cpu(Target(_normalise(target)))
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"target must be a string, dict or tvm.target.Target, got {target!r}")
     text = target.strip()
     if text.startswith("{"):
-        return Target(_normalise(json.loads(text)))
+        try:
+            spec = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"target {text!r} is not valid JSON: {err}") from err
+        return _check_cpu(Target(_normalise(spec)))
     if text in BOARD_PRESETS:
         return Target(dict(BOARD_PRESETS[text]))
     if text in _tags():
-        return Target(text)
-    return Target(_normalise(_parse_classic(text)))
+        return _check_cpu(Target(text))
+    return _check_cpu(Target(_normalise(_parse_classic(text))))
 
 
 def canonical(target) -> str:

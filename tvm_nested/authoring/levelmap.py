@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..schedules.format import check_level_values
+
 
 class NestingError(ValueError):
     """Masks or level maps that do not describe a nested sparse layer."""
@@ -49,16 +51,19 @@ def masks_from_levelmap(level_map: np.ndarray, num_levels: int) -> list[np.ndarr
 
 
 def check_levelmap(level_map: np.ndarray, weight_shape: Sequence[int], layer: str = "layer") -> np.ndarray:
-    """Validate a level map against its weight; returns it as int32."""
+    """Validate a level map against its weight; returns it as int32.
+
+    The values are checked in the map's own dtype before the cast (``schedules.format.check_level_values``):
+    an int64 map holding 2**32 is refused, naming ``layer``, instead of silently becoming level 0."""
     lm = np.asarray(level_map)
-    if lm.dtype.kind not in "iu":
-        raise NestingError(f"{layer}: level map must be an integer tensor, got dtype {lm.dtype}")
+    try:
+        check_level_values(lm, layer)
+    except ValueError as err:
+        raise NestingError(str(err)) from None
     if tuple(lm.shape) != tuple(int(s) for s in weight_shape):
         raise NestingError(
             f"{layer}: level map shape {tuple(lm.shape)} differs from weight shape {tuple(weight_shape)}"
         )
-    if lm.size and lm.min() < -1:
-        raise NestingError(f"{layer}: level map holds {int(lm.min())}; values must be -1 (pruned) or a level >= 0")
     return lm.astype(np.int32)
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .nn import NestedModel
 from .pruning import PruningConfig, update_levelmaps_
@@ -186,30 +186,11 @@ def nested_loss(
 # --------------------------------------------------------------------------- loops
 
 
-class Progress:
-    """A text progress bar on a stream (no extra dependency): redrawn in place on a terminal,
-    a line every ``1/lines`` of the way otherwise."""
-
-    def __init__(self, total: int, desc: str = "", stream=None, width: int = 30, lines: int = 10):
-        self.total, self.desc, self.width = max(total, 1), desc, width
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.every = max(self.total // max(lines, 1), 1)
-        self.n, self.t0 = 0, time.perf_counter()
-
-    def update(self, n: int = 1, **info) -> None:
-        self.n += n
-        if self.tty or self.n % self.every == 0 or self.n == self.total:
-            done = int(self.width * self.n / self.total)
-            extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
-            line = (
-                f"{self.desc} [{'#' * done}{'.' * (self.width - done)}] {self.n}/{self.total} "
-                f"{time.perf_counter() - self.t0:.0f}s {extra}"
-            )
-            self.stream.write(("\r" + line) if self.tty else line + "\n")
-            if self.tty and self.n >= self.total:
-                self.stream.write("\n")
-            self.stream.flush()
+def progress_bar(total: int, desc: str):
+    """The one progress bar (tqdm on stderr, as ``tvm_nested.tune`` shows): steps done of the total,
+    the last loss, time left. On a terminal it redraws in place; in a log file it writes a line
+    every 10 s."""
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
 def _batches(data, batch_size: int, generator: torch.Generator) -> Iterable:
@@ -250,7 +231,7 @@ def train_dense(model: nn.Module, data, cfg: TrainConfig, *, progress: bool = Fa
     opt = _optimizer(model.parameters(), cfg)
     total = cfg.epochs * _steps_per_epoch(data, cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, cfg))
-    bar = Progress(total, "dense") if progress else None
+    bar = progress_bar(total, "dense") if progress else None
     history = []
     model.train()
     for _ in range(cfg.epochs):
@@ -263,8 +244,11 @@ def train_dense(model: nn.Module, data, cfg: TrainConfig, *, progress: bool = Fa
             sched.step()
             losses.append(float(loss.detach()))
             if bar:
-                bar.update(loss=losses[-1])
+                bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+                bar.update(1)
         history.append(sum(losses) / len(losses))
+    if bar:
+        bar.close()
     model.eval()
     return history
 
@@ -301,7 +285,7 @@ def train_nested(
     opt = _optimizer(model.parameters(), cfg)
     guard = PrunedStayZero(model, opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, cfg))
-    bar = Progress(total, "nested") if progress else None
+    bar = progress_bar(total, "nested") if progress else None
     num_levels = pruning.num_levels if pruning is not None else model.num_levels
     history, step = [], 0
     current = None
@@ -326,7 +310,8 @@ def train_nested(
                 for k, v in parts.items():
                     sums.setdefault(k, []).append(v)
                 if bar:
-                    bar.update(loss=float(loss))
+                    bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+                    bar.update(1)
             record = {
                 "epoch": epoch,
                 "loss": {k: sum(v) / len(v) for k, v in sorted(sums.items())},
@@ -339,6 +324,8 @@ def train_nested(
             update_levelmaps_(model, pruning, pruning.densities)
             guard.apply()
     finally:
+        if bar:
+            bar.close()
         guard.remove()
         model.eval()
     return history
@@ -448,7 +435,6 @@ def config_dict(cfg) -> dict:
 
 __all__ = [
     "LevelArgument",
-    "Progress",
     "ProgressiveSchedule",
     "PrunedStayZero",
     "TrainConfig",
@@ -460,6 +446,7 @@ __all__ = [
     "export_torch",
     "nested_loss",
     "pick_levels",
+    "progress_bar",
     "train_dense",
     "train_nested",
 ]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
+from argparse import ArgumentTypeError
 from pathlib import Path
 
 from ..deploy.board import (
@@ -21,6 +21,9 @@ from ..deploy.board import (
     log,
     missing_host_tools,
 )
+from .common import Parser, address
+
+DEFAULT_PORTS = (9090, 9199)  # where `board serve` looks for a free port when none is given
 
 
 def _cmd_setup(a) -> int:
@@ -38,7 +41,13 @@ def _cmd_serve(a) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with Board(env, cpu=a.cpu, inproc=a.inproc) as board:
         log(f"starting the board RPC server (qemu {a.cpu}; import under emulation takes a while)")
-        bp = board.start_server(a.host, a.port, a.port_end, tracker=a.tracker, key=a.key)
+        # a port the user names is that port (busy: an error saying so); none: the first free one
+        # of TVM's usual range
+        port, port_end = (a.port, a.port_end or a.port + 1) if a.port is not None else DEFAULT_PORTS
+        if port_end <= port:
+            raise BoardError(f"--port-end {port_end} must be above --port {port}")
+        tracker = f"{a.tracker[0]}:{a.tracker[1]}" if a.tracker else None
+        bp = board.start_server(a.host, port, port_end, tracker=tracker, key=a.key)
         where = f"tracker {a.tracker} key {a.key}" if a.tracker else "direct"
         print(
             f"board RPC server listening on {bp.host}:{bp.port} ({where}); Ctrl-C stops it",
@@ -77,11 +86,9 @@ def _cmd_status(a) -> int:
 
 
 def board_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="tvm-nested board", description="an emulated aarch64 board (qemu-user) for TVM RPC"
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    p = Parser(prog="tvm-nested board", description="an emulated aarch64 board (qemu-user) for TVM RPC")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    common = Parser(add_help=False)
     common.add_argument("--cache-dir", default=None, help=f"where the board lives (default {default_cache_dir()})")
     s = sub.add_parser("setup", parents=[common], help="build the board (cached)")
     s.add_argument(
@@ -93,9 +100,14 @@ def board_main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=_cmd_setup)
     s = sub.add_parser("serve", parents=[common], help="run a board RPC server until Ctrl-C")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=9090)
-    s.add_argument("--port-end", type=int, default=9199)
-    s.add_argument("--tracker", default=None, help="host:port of a TVM RPC tracker")
+    s.add_argument(
+        "--port",
+        type=_port,
+        default=None,
+        help=f"the port to serve on (default: the first free one in {DEFAULT_PORTS[0]}..{DEFAULT_PORTS[1] - 1})",
+    )
+    s.add_argument("--port-end", type=_port, default=None, help="with --port: also try ports up to this one (excluded)")
+    s.add_argument("--tracker", type=address, default=None, help="host:port of a TVM RPC tracker")
     s.add_argument("--key", default=None, help="key to register with the tracker")
     s.add_argument("--cpu", default=DEFAULT_CPU, help="qemu CPU model (cortex-a72 = Pi 4)")
     s.add_argument(
@@ -109,11 +121,19 @@ def board_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "serve" and a.tracker and not a.key:
         p.error("--tracker needs --key")
+    if a.cmd == "serve" and a.port_end is not None and a.port is None:
+        p.error("--port-end goes with --port")
+    return a.func(a)
+
+
+def _port(text: str) -> int:
     try:
-        return a.func(a)
-    except BoardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        port = int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 < port < 65536:
+        raise ArgumentTypeError(f"a port is in 1..65535, got {port}")
+    return port
 
 
 __all__ = ["board_main"]

@@ -6,15 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
 from ..build import build
-from ..deploy import DEFAULT_TARGET, BoardError, connect, deploy, is_emulated, time_levels
+from ..deploy import DEFAULT_TARGET, connect, deploy, is_emulated, time_levels
 from ..runtime import example_inputs
-from .common import address, load_model
+from .common import Parser, add_model_arguments, address, load_model, positive_float, positive_int
 
 
 def add_board_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -23,7 +22,7 @@ def add_board_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
     g.add_argument("--rpc", type=address, default=None, help="host:port of the board's TVM RPC server")
     g.add_argument("--tracker", type=address, default=None, help="host:port of a TVM RPC tracker (with --key)")
     p.add_argument("--key", default=None, help="the board's key at the tracker")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to reach the board (default 30)")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to reach the board (default 30)")
 
 
 def check_board_arguments(p: argparse.ArgumentParser, args) -> None:
@@ -38,7 +37,7 @@ def connect_from_args(args, session_timeout: float = 0):
 
 
 def deploy_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = ap or argparse.ArgumentParser(prog="tvm-nested deploy")
+    p = ap or Parser(prog="tvm-nested deploy")
     p.description = (
         "compile (given .onnx/.pt2) or take a compiled .so, upload it to a board over TVM RPC, "
         "run and time every level there"
@@ -58,10 +57,11 @@ def deploy_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argumen
         action="store_true",
         help="when compiling a model: skip the comparison with this machine's build at every level",
     )
-    p.add_argument("--threads", type=int, default=None, help="TVM threads on the board (default: the board's)")
-    p.add_argument("--number", type=int, default=10, help="runs per timing (default 10)")
-    p.add_argument("--repeat", type=int, default=3, help="timings per level (default 3)")
+    p.add_argument("--threads", type=positive_int, default=None, help="TVM threads on the board (default: the board's)")
+    p.add_argument("--number", type=positive_int, default=10, help="runs per timing (default 10)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="timings per level (default 3)")
     p.add_argument("--seed", type=int, default=0)
+    add_model_arguments(p)
     return p
 
 
@@ -100,40 +100,36 @@ def deploy_main(argv=None) -> int:
     model = args.model
     if not os.path.isfile(model):
         p.error(f"no such file {model!r}")
-    try:
-        reference = None
-        if model.endswith((".onnx", ".pt2")):
-            mod = load_model(model)
-            t0 = time.perf_counter()
-            module = build(mod, target=args.target, tuning_log=args.tuning_log)
-            print(f"compiled {model} for {args.target} in {time.perf_counter() - t0:.1f}s")
-            if not args.no_check:
-                reference = build(mod, target="llvm").runtime()
-        elif model.endswith(".so"):
-            module = model
-        else:
-            p.error(f"{model!r}: expected a compiled module (.so) or a model (.onnx, .pt2)")
+    reference = None
+    if model.endswith((".onnx", ".pt2")):
+        mod = load_model(model, input_shapes=args.input_shapes, trust_pt2=args.trust_pt2)
         t0 = time.perf_counter()
-        session = connect_from_args(args)
-        rt = deploy(module, session=session, cc=args.cc, num_threads=args.threads)
-        print(f"uploaded and loaded on the board in {time.perf_counter() - t0:.1f}s")
-        inputs = example_inputs(rt.info, args.seed)
-        errors = {}
-        for lvl in range(rt.num_levels):
-            outs = rt.run(*inputs, level=lvl)
-            if reference is not None:
-                ref = reference.run(*inputs, level=lvl)
-                errors[lvl] = max(float(np.max(np.abs(o - r))) if o.size else 0.0 for o, r in zip(outs, ref))
-        rows = time_levels(rt, *inputs, number=args.number, repeat=args.repeat)
-        where = (
-            f"{args.rpc[0]}:{args.rpc[1]}"
-            if args.rpc
-            else f"via tracker {args.tracker[0]}:{args.tracker[1]} key {args.key}"
-        )
-        _print_table(rt, rows, errors, is_emulated(session), where)
-    except (BoardError, ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        module = build(mod, target=args.target, tuning_log=args.tuning_log)
+        print(f"compiled {model} for {args.target} in {time.perf_counter() - t0:.1f}s")
+        if not args.no_check:
+            reference = build(mod, target="llvm").runtime()
+    elif model.endswith(".so"):
+        module = model
+    else:
+        p.error(f"{model!r}: expected a compiled module (.so) or a model (.onnx, .pt2)")
+    t0 = time.perf_counter()
+    session = connect_from_args(args)
+    rt = deploy(module, session=session, cc=args.cc, num_threads=args.threads)
+    print(f"uploaded and loaded on the board in {time.perf_counter() - t0:.1f}s")
+    inputs = example_inputs(rt.info, args.seed)
+    errors = {}
+    for lvl in range(rt.num_levels):
+        outs = rt.run(*inputs, level=lvl)
+        if reference is not None:
+            ref = reference.run(*inputs, level=lvl)
+            errors[lvl] = max(float(np.max(np.abs(o - r))) if o.size else 0.0 for o, r in zip(outs, ref))
+    rows = time_levels(rt, *inputs, number=args.number, repeat=args.repeat)
+    where = (
+        f"{args.rpc[0]}:{args.rpc[1]}"
+        if args.rpc
+        else f"via tracker {args.tracker[0]}:{args.tracker[1]} key {args.key}"
+    )
+    _print_table(rt, rows, errors, is_emulated(session), where)
     return 0
 
 

@@ -4,35 +4,48 @@ from __future__ import annotations
 
 import argparse
 
-from ..schedules.tuning_log import TuningLogError
 from ..tuning import RPCSettings, tune
-from .common import address, load_model
+from .common import CLIError, Parser, add_model_arguments, address, levels, load_model, positive_float, positive_int
 
 
 def tune_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    ap = ap or argparse.ArgumentParser(prog="tvm-nested tune", description="Tune a nested model into a tuning log")
+    ap = ap or Parser(prog="tvm-nested tune", description="Tune a nested model into a tuning log")
     ap.add_argument("model", help="ONNX model (.onnx) or torch.export archive (.pt2)")
     ap.add_argument("--target", default="llvm", help="target to tune for (default: this CPU)")
-    ap.add_argument("--log", required=True, help="tuning log directory (created, or appended to for the same target)")
-    ap.add_argument("--trials", type=int, default=64, help="measured candidates per function (default 64)")
-    ap.add_argument("--levels", default=None, help="comma-separated levels to measure (default: all)")
+    ap.add_argument(
+        "--log",
+        required=True,
+        help="tuning log directory (created, or appended to for the same target; one tune at a time)",
+    )
+    ap.add_argument("--trials", type=positive_int, default=64, help="measured candidates per function (default 64)")
+    ap.add_argument("--levels", type=levels, default=None, help="comma-separated levels to measure (default: all)")
     ap.add_argument("--rpc-tracker", "--tracker", type=address, default=None, help="host:port of an RPC tracker")
     ap.add_argument("--rpc-key", "--key", default=None, help="device key at the tracker")
     ap.add_argument("--rpc", type=address, default=None, help="host:port of one board's RPC server")
-    ap.add_argument("--session-timeout", type=int, default=60)
+    ap.add_argument(
+        "--session-timeout",
+        type=positive_float,
+        default=60,
+        help="seconds a board may take to answer one measurement before tuning stops, naming it (default 60)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar and no report")
+    ap.add_argument(
+        "--verbose", action="store_true", help="MetaSchedule's own log lines on the terminal (always in LOG/logs)"
+    )
+    add_model_arguments(ap)
     return ap
 
 
 def tune_main(argv=None) -> int:
     """``tvm-nested tune model.onnx|.pt2 --target ... --log DIR --trials N``
     ``[--rpc-tracker host:port --rpc-key K | --rpc host:port]``; returns the exit status."""
-    args = tune_parser().parse_args(argv)
+    p = tune_parser()
+    args = p.parse_args(argv)
     if args.rpc_tracker and args.rpc:
-        raise SystemExit("error: give --rpc-tracker (with --rpc-key) or --rpc, not both")
+        p.error("give --rpc-tracker (with --rpc-key) or --rpc, not both")
     if bool(args.rpc_tracker) != bool(args.rpc_key):
-        raise SystemExit("error: --rpc-tracker and --rpc-key go together")
+        p.error("--rpc-tracker and --rpc-key go together")
     runner = "local"
     if args.rpc_tracker:
         runner = RPCSettings(
@@ -43,20 +56,19 @@ def tune_main(argv=None) -> int:
         )
     elif args.rpc:
         runner = RPCSettings(host=args.rpc[0], port=args.rpc[1], session_timeout=args.session_timeout)
-    levels = None if args.levels is None else [int(v) for v in args.levels.split(",")]
-    try:
-        tune(
-            load_model(args.model),
-            args.target,
-            args.log,
-            max_trials=args.trials,
-            runner=runner,
-            levels=levels,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
-    except TuningLogError as err:
-        raise SystemExit(f"error: {err}") from err
+    if args.quiet and args.verbose:
+        raise CLIError("--quiet and --verbose contradict each other")
+    tune(
+        load_model(args.model, input_shapes=args.input_shapes, trust_pt2=args.trust_pt2),
+        args.target,
+        args.log,
+        max_trials=args.trials,
+        runner=runner,
+        levels=args.levels,
+        seed=args.seed,
+        progress=not args.quiet,
+        verbose=args.verbose,
+    )
     return 0
 
 

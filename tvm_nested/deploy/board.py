@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -75,6 +77,21 @@ WHEEL_FALLBACKS = {
     "tornado": "6.6.1",
     "typing_extensions": "4.16.0",
 }
+# The sha256 of each aarch64 wheel the board installs, by pin: pip checks them (--require-hashes) on
+# download and on install, so a tampered mirror or cache cannot put other code on the board. A pin
+# not listed here (the host has another version) is pinned on first download: its hash is recorded
+# in the cache (downloads/wheels-aarch64/SHA256SUMS), said in the log, and checked from then on.
+WHEEL_SHA256 = {
+    "apache-tvm==0.27.0.post1": "4acfdb7653e4e1ba7a707bdf2833db72eb8fda7d04d99141f2a4e1da43171fb7",
+    "apache-tvm-ffi==0.1.14.post1": "c7a759781d4fbf2b99fa12f2741f250b882b06acc2747bb02831d491d1ac7d3c",
+    "cloudpickle==3.1.3": "1654f4f18e416447210a63c5c25a135d65a292156aa5fa519dfa4baf7726dddb",
+    "ml_dtypes==0.6.0": "7728c0420ec1c338564fc8b01015ff2d58567e70f17fedce5a0a7c0308c0d5b9",
+    "numpy==2.4.6": "0ab0a9c4ffb1a6d95ef519fe4247dba8eb6b18ad93999f76b7f657039acabd47",
+    "psutil==7.2.2": "b0726cecd84f9474419d67252add4ac0cd9811b04d61123054b9fb6f57df6e9e",
+    "tornado==6.6.1": "da6ce2da215810d56539fa6cac77d9e27f4d8139c6868c53436b2fe933f43c79",
+    "typing_extensions==4.16.0": "481caa481374e813c1b176ada14e97f1f67a4539ce9cfeb3f350d78d6370c2e8",
+}
+RECORDED_HASHES = "SHA256SUMS"  # in the wheels folder: hashes pinned on first download
 WHEEL_PLATFORM = [
     "--only-binary=:all:", "--python-version", BOARD_PY, "--implementation", "cp",
     "--abi", "cp311", "--abi", "abi3", "--abi", "none",
@@ -230,29 +247,92 @@ def _fetch_debs(downloads: Path) -> list[Path]:
     return debs
 
 
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _recorded(wheels: Path) -> dict[str, str]:
+    """``name==version`` -> sha256 pinned on first download (RECORDED_HASHES)."""
+    out = {}
+    with contextlib.suppress(FileNotFoundError):
+        for line in (wheels / RECORDED_HASHES).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                pin, digest = line.split()
+                out[pin] = digest
+    return out
+
+
+def wheel_hashes(wheels: Path, pins: dict[str, str]) -> dict[str, str]:
+    """The sha256 each pinned wheel must have: WHEEL_SHA256, else the one recorded on first download."""
+    recorded = _recorded(wheels)
+    return {
+        f"{n}=={v}": WHEEL_SHA256.get(f"{n}=={v}") or recorded[f"{n}=={v}"]
+        for n, v in pins.items()
+        if f"{n}=={v}" in WHEEL_SHA256 or f"{n}=={v}" in recorded
+    }
+
+
+def requirements_file(wheels: Path, pins: dict[str, str]) -> Path:
+    """A pip requirements file pinning every wheel by version and hash (pip --require-hashes)."""
+    hashes = wheel_hashes(wheels, pins)
+    missing = [f"{n}=={v}" for n, v in pins.items() if f"{n}=={v}" not in hashes]
+    if missing:
+        raise BoardError(f"no sha256 known or recorded for the board wheels {missing}")
+    path = wheels / "requirements.txt"
+    path.write_text("".join(f"{pin} --hash=sha256:{digest}\n" for pin, digest in hashes.items()))
+    return path
+
+
+def _record_first_download(wheels: Path, pins: dict[str, str]) -> None:
+    """Pins without a hash in WHEEL_SHA256 are downloaded once without one; their files' hashes are
+    recorded (and said) so that every later download and install is checked against them."""
+    known = wheel_hashes(wheels, pins)
+    new = {n: v for n, v in pins.items() if f"{n}=={v}" not in known}
+    if not new:
+        return
+    reqs = [f"{n}=={v}" for n, v in new.items()]
+    log(f"pip download aarch64 wheels without a known hash (pinned on first download): {' '.join(reqs)}")
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", *WHEEL_PLATFORM, "-d", str(wheels), *reqs])
+    lines = []
+    for name, version in new.items():
+        found = [p for p in wheels.glob("*.whl") if p.name.split("-")[:2] == [_norm(name), version]]
+        if len(found) != 1:
+            raise BoardError(f"expected one downloaded wheel for {name}=={version}, found {[p.name for p in found]}")
+        digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
+        log(f"recorded sha256 {digest} for {found[0].name}")
+        lines.append(f"{name}=={version} {digest}\n")
+    with open(wheels / RECORDED_HASHES, "a") as f:
+        f.writelines(lines)
+
+
 def _fetch_wheels(downloads: Path, pins: dict[str, str]) -> Path:
     wheels = downloads / "wheels-aarch64"
     wheels.mkdir(parents=True, exist_ok=True)
-    reqs = [f"{n}=={v}" for n, v in pins.items()]
+    _record_first_download(wheels, pins)
+    req = requirements_file(wheels, pins)
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", *WHEEL_PLATFORM, "-d", str(wheels)]
-    offline = subprocess.run([*pip, "--no-index", "--find-links", str(wheels), "-q", *reqs], capture_output=True)
+    pip += ["--require-hashes", "-r", str(req)]
+    offline = subprocess.run([*pip, "--no-index", "--find-links", str(wheels), "-q"], capture_output=True)
     if offline.returncode != 0:
-        log(f"pip download aarch64 wheels: {' '.join(reqs)}")
-        _run([*pip, "--progress-bar", "off", *reqs])
+        log(f"pip download aarch64 wheels (checked by sha256): {' '.join(f'{n}=={v}' for n, v in pins.items())}")
+        _run([*pip, "--progress-bar", "off"])
     return wheels
 
 
-def _wrapper_text(sysroot: Path, wrapper: Path) -> str:
+def wrapper_text(sysroot: Path, wrapper: Path) -> str:
     # The board python sees only this environment (an x86 PYTHONPATH or venv leaking in makes it
     # import x86 extension modules). Child interpreters (TVM's PopenWorker) come back through here
-    # because sitecustomize points sys.executable at this script.
+    # because sitecustomize points sys.executable at this script. The cache paths are quoted for the
+    # shell as literal words (shlex.quote): a --cache-dir holding "$(...)", backquotes or quotes is
+    # a name, never a command.
+    python = shlex.quote(f"{sysroot}/usr/bin/python{BOARD_PY}")
     return f"""#!/bin/sh
 # aarch64 python{BOARD_PY} of the emulated board (qemu-user). Generated by tvm_nested.board.
 # QEMU_CPU picks the emulated core (default {DEFAULT_CPU}); TVM_NUM_THREADS passes through.
 exec env -i HOME="${{HOME:-/}}" PATH=/usr/bin:/bin LANG=C.UTF-8 TMPDIR="${{TMPDIR:-/tmp}}" \\
   QEMU_CPU="${{QEMU_CPU:-{DEFAULT_CPU}}}" ${{TVM_NUM_THREADS:+TVM_NUM_THREADS=$TVM_NUM_THREADS}} \\
-  PYTHONNOUSERSITE=1 BOARD_PYTHON="{wrapper}" \\
-  qemu-aarch64 -L "{sysroot}" "{sysroot}/usr/bin/python{BOARD_PY}" "$@"
+  PYTHONNOUSERSITE=1 BOARD_PYTHON={shlex.quote(str(wrapper))} \\
+  qemu-aarch64 -L {shlex.quote(str(sysroot))} {python} "$@"
 """
 
 
@@ -332,7 +412,7 @@ def ensure_board(
     def write_wrapper():  # atomic: a board process may be starting through the old one
         wrapper.parent.mkdir(parents=True, exist_ok=True)
         tmp = wrapper.with_name(f".{wrapper.name}.{os.getpid()}")
-        tmp.write_text(_wrapper_text(sysroot, wrapper))
+        tmp.write_text(wrapper_text(sysroot, wrapper))
         tmp.chmod(0o755)
         os.replace(tmp, wrapper)
 
@@ -342,7 +422,7 @@ def ensure_board(
         # the wrapper bakes in absolute paths: a moved cache (e.g. a copied CI cache) needs a
         # new one, nothing else (the sysroot itself does not depend on where it lies)
         with contextlib.suppress(OSError):
-            if wrapper.read_text() == _wrapper_text(sysroot, wrapper):
+            if wrapper.read_text() == wrapper_text(sysroot, wrapper):
                 return True
         write_wrapper()
         return True
@@ -380,7 +460,9 @@ def ensure_board(
                 *WHEEL_PLATFORM,
                 "--target",
                 str(site),
-                *(f"{n}=={v}" for n, v in pins.items()),
+                "--require-hashes",
+                "-r",
+                str(requirements_file(wheels, pins)),
             ]
         )
         stdlib = tmp / f"usr/lib/python{BOARD_PY}"
@@ -462,6 +544,8 @@ def board_available(cache_dir: str | os.PathLike | None = None) -> tuple[bool, s
 
 def free_port(host: str = "127.0.0.1", port: int = 9090, port_end: int = 9199) -> int:
     """The first port in [port, port_end) that can be bound now (others use 9090, 9190, ...)."""
+    if port_end <= port:
+        raise BoardError(f"empty port range [{port}, {port_end}): the end must be above the start")
     for p in range(port, port_end):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
@@ -469,6 +553,8 @@ def free_port(host: str = "127.0.0.1", port: int = 9090, port_end: int = 9199) -
                 return p
             except OSError:
                 continue
+    if port_end == port + 1:
+        raise BoardError(f"port {port} on {host} is in use (pick another port, or let it choose a free one)")
     raise BoardError(f"no free port in [{port}, {port_end}) on {host}")
 
 
@@ -716,6 +802,7 @@ __all__ = [
     "BOARD_KEY",
     "DEFAULT_CPU",
     "HOST_TOOLS",
+    "WHEEL_SHA256",
     "Board",
     "BoardEnv",
     "BoardError",
@@ -731,4 +818,7 @@ __all__ = [
     "is_listening",
     "log",
     "missing_host_tools",
+    "requirements_file",
+    "wheel_hashes",
+    "wrapper_text",
 ]

@@ -12,116 +12,24 @@ The board needs only ``python -m tvm.exec.rpc_server`` from the same TVM version
 
 A TVM RPC server serves one client at a time: keep one runtime per board, and drop it (``del rt``)
 before another client (``tvm-nested tune`` with the board's runner, another ``deploy``) needs it.
-``connect`` never waits longer than its ``timeout`` (unreachable board, a port that does not answer
-the RPC handshake, a busy board, no free server with the key at the tracker): it raises
-``BoardError`` saying which.
+``connect`` (``runtime/rpc.py``) never waits longer than its ``timeout`` (unreachable board, a port
+that does not answer the RPC handshake, a busy board, no free server with the key at the tracker):
+it raises ``BoardError`` saying which.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
-import threading
-import time
 import warnings
 from pathlib import Path
 
-from tvm import rpc as tvm_rpc
-
 from ..build import NestedModule
-from ..runtime import NestedRuntime
+from ..runtime import BoardError, NestedRuntime, check_library, connect, parse_address
 from ..target import is_cross
 
 DEFAULT_TARGET = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"  # any 64-bit ARM board with NEON
 _EMULATED_MARK = "/.board-manifest.json"  # qemu -L maps it into the emulated board's sysroot
-
-
-class BoardError(RuntimeError):
-    """A board (real or emulated) cannot be reached, built or used; the message says what to do."""
-
-
-def parse_address(text) -> tuple[str, int]:
-    """``"host:port"`` or ``(host, port)`` -> ``(host, port)``; ValueError otherwise."""
-    if isinstance(text, (tuple, list)) and len(text) == 2:
-        return str(text[0]), int(text[1])
-    host, _, port = str(text).rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"expected host:port, got {text!r}")
-    return host, int(port)
-
-
-def _bounded(fn, timeout: float, what: str):
-    """``fn()`` in a daemon thread; BoardError when it has not returned after ``timeout`` seconds.
-
-    TVM's RPC handshake and tracker protocol read sockets without a time-out: a port that accepts
-    and never answers (a board busy with another client, not an RPC server) would block forever.
-    """
-    box: dict = {}
-
-    def call():
-        try:
-            box["value"] = fn()
-        except BaseException as err:
-            box["error"] = err
-
-    thread = threading.Thread(target=call, name="tvm-nested-connect", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise BoardError(
-            f"{what}: no answer within {timeout:.0f}s (a TVM RPC server serves one client at a time: "
-            "is another client using the board? is it a TVM RPC server/tracker at all?)"
-        )
-    if "error" in box:
-        err = box["error"]
-        if isinstance(err, BoardError):
-            raise err
-        raise BoardError(f"{what}: {type(err).__name__}: {err}") from err
-    return box["value"]
-
-
-def connect(rpc=None, *, tracker=None, key: str | None = None, timeout: float = 30.0, session_timeout: float = 0):
-    """An RPC session with a board: ``rpc="host:port"`` (its server) or ``tracker="host:port"`` + ``key``.
-
-    Raises ``BoardError`` within about ``timeout`` seconds when the board or tracker cannot be
-    reached, does not answer, or has no free server registered under ``key``.
-    ``session_timeout``: seconds after which the board ends the session (0: never).
-    """
-    if (rpc is None) == (tracker is None):
-        raise ValueError("give exactly one of rpc='host:port' (a board) or tracker='host:port' (with key=)")
-    if tracker is not None and not key:
-        raise ValueError("a tracker needs the board's key (key=)")
-    target = parse_address(rpc if rpc is not None else tracker)
-    what = f"board {target[0]}:{target[1]}" if rpc is not None else f"tracker {target[0]}:{target[1]}"
-    deadline = time.monotonic() + timeout
-    try:  # a bounded reachability check: a bare connect() blocks for minutes on a dropped SYN
-        socket.create_connection(target, timeout=timeout).close()
-    except OSError as err:
-        raise BoardError(f"{what} unreachable: {err}") from err
-    if rpc is not None:
-        return _bounded(
-            lambda: tvm_rpc.connect(*target, session_timeout=session_timeout),
-            max(deadline - time.monotonic(), 1.0),
-            f"{what}: RPC connect",
-        )
-
-    def via_tracker():
-        while True:
-            try:
-                queue = tvm_rpc.connect_tracker(*target).summary()["queue_info"]
-            except Exception as err:
-                raise BoardError(f"{what}: not a TVM RPC tracker ({err})") from err
-            if queue.get(key, {}).get("free", 0) > 0:
-                break
-            if time.monotonic() > deadline:
-                raise BoardError(
-                    f"{what}: no free server with key {key!r} after {timeout:.0f}s (keys: {sorted(queue) or 'none'})"
-                )
-            time.sleep(0.5)
-        return tvm_rpc.connect_tracker(*target).request(key, session_timeout=session_timeout, max_retry=2)
-
-    return _bounded(via_tracker, max(deadline - time.monotonic(), 1.0) + 2.0, what)
 
 
 def is_emulated(session) -> bool:
@@ -148,6 +56,8 @@ def upload(session, module, *, cc: str | None = None):
                 raise FileNotFoundError(f"no compiled module at {path!r}")
             if not path.endswith(".so"):
                 raise ValueError(f"{path!r}: expected a shared library (.so) built for the board")
+            # the board's loader must not see a truncated file or one for another CPU either
+            check_library(path, expect_machine=(board_triple(session) or "").split("-")[0])
         name = f"tvm_nested_{os.getpid()}_{Path(path).name}"
         session.upload(path, name)
     return session.load_module(name)

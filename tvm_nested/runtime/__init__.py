@@ -1,16 +1,24 @@
 """Running compiled nested modules: the runtime object, its metadata, the CPU thread pool."""
 
 from .info import InfoView, check_info, example_inputs
+from .library import LibraryError, check_library, host_machine
+from .rpc import BoardError, connect, parse_address
 from .threads import num_threads, set_num_threads
 from .vm import NestedRuntime, flatten, load
 
 __all__ = [
+    "BoardError",
     "InfoView",
+    "LibraryError",
     "NestedRuntime",
     "check_info",
+    "check_library",
+    "connect",
     "example_inputs",
     "flatten",
+    "host_machine",
     "load",
     "num_threads",
+    "parse_address",
     "set_num_threads",
 ]

@@ -5,9 +5,12 @@ RPC session). It reads the artifact's own metadata (the ``nested_info`` function
 module: number of levels, per-level density, inputs), so a loaded module refuses a level outside
 ``0..L-1`` before any kernel runs.
 
-One runtime may be shared by threads: a VM holds per-call state (its register file), so calls
-through one runtime are serialised by a lock; for parallel requests, make one runtime per thread
-(``load`` the same file again: the module's code and weights are shared by the process).
+One runtime may be shared by threads: a VM holds per-call state (its register file, and over RPC
+one session's stream), so every call through one runtime (``run``, ``run_stages``,
+``run_deadline``, ``time``), from its arguments to its last output read back, holds the runtime's
+lock: calls are serialised, never interleaved (unlocked, 4 threads on one VM crashed the process).
+For requests in parallel, make one runtime per thread (``load`` the same file again: the process
+shares the module's code).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tvm.rpc.base import RPC_SESS_MASK
 
 from ..contract import DEADLINE_FUNC, INFO_FUNC, LEVEL
 from .info import InfoView, check_info
+from .library import LibraryError, check_library
 from .profile import profile as profile_call
 from .threads import set_num_threads
 
@@ -120,8 +124,9 @@ class NestedRuntime(InfoView):
         return profile_call(self, inputs, self.check_level(level), repeat=repeat)
 
     def run(self, *inputs, level) -> list[np.ndarray]:
-        """Outputs of the model at ``level`` as a list of NumPy arrays."""
-        return flatten(self.invoke("main", self.arguments(inputs, level)))
+        """Outputs of the model at ``level`` as a list of NumPy arrays (thread-safe: see the module docstring)."""
+        with self._lock:
+            return flatten(self.invoke("main", self.arguments(inputs, level)))
 
     def time_function(
         self, name: str, args: list, *, number: int = 10, repeat: int = 3, min_repeat_ms: int = 0
@@ -143,9 +148,10 @@ class NestedRuntime(InfoView):
         """Mean latency of one call at ``level`` in milliseconds, timed on the device."""
         if number < 1 or repeat < 1:
             raise ValueError(f"number and repeat must be >= 1, got {number} and {repeat}")
-        secs = self.time_function(
-            "main", self.arguments(inputs, level), number=number, repeat=repeat, min_repeat_ms=min_repeat_ms
-        )
+        with self._lock:
+            secs = self.time_function(
+                "main", self.arguments(inputs, level), number=number, repeat=repeat, min_repeat_ms=min_repeat_ms
+            )
         return float(np.mean(secs)) * 1e3
 
     # -- stages and rerouting (build(..., stages=K), with_latency_table)
@@ -165,13 +171,14 @@ class NestedRuntime(InfoView):
         if len(levels) != plan["num_stages"]:
             raise ValueError(f"levels must give one level per stage ({plan['num_stages']}), got {len(levels)}")
         levels = [self.check_level(lvl) for lvl in levels]
-        env = self.stage_inputs(inputs, levels[0])
-        out = None
-        for s, name in enumerate(plan["functions"]):
-            out = self.invoke(name, [*[env[n] for n in plan["inputs"][s]], self.level_tensor(levels[s])])
-            if s < plan["num_stages"] - 1:  # the last stage returns main's result
-                env.update(zip(plan["outputs"][s], out))
-        return flatten(out)
+        with self._lock:
+            env = self.stage_inputs(inputs, levels[0])
+            out = None
+            for s, name in enumerate(plan["functions"]):
+                out = self.invoke(name, [*[env[n] for n in plan["inputs"][s]], self.level_tensor(levels[s])])
+                if s < plan["num_stages"] - 1:  # the last stage returns main's result
+                    env.update(zip(plan["outputs"][s], out))
+            return flatten(out)
 
     def deadline_arguments(self, inputs, deadline_ms, level) -> list:
         """``main_deadline``'s arguments: ``main``'s and the deadline in microseconds."""
@@ -198,7 +205,8 @@ class NestedRuntime(InfoView):
         when elapsed + predicted remaining time (its latency table) exceeds ``deadline_ms``
         (``relay_passes/deadline.py`` states the rule). ValueError when the module has no table.
         """
-        out = flatten(self.invoke(DEADLINE_FUNC, self.deadline_arguments(inputs, deadline_ms, level)))
+        with self._lock:
+            out = flatten(self.invoke(DEADLINE_FUNC, self.deadline_arguments(inputs, deadline_ms, level)))
         return out[:-1], out[-1].astype(np.int64)
 
 
@@ -213,11 +221,17 @@ def flatten(out) -> list[np.ndarray]:
 
 
 def load(path: str | os.PathLike, device=None, *, num_threads: int | None = None) -> NestedRuntime:
-    """Load an exported library (``NestedModule.export_library``) on the local CPU or ``device``."""
+    """Load an exported library (``NestedModule.export_library``) on the local CPU or ``device``.
+
+    The file is checked first (``runtime/library.py``: a whole ELF shared library for this machine,
+    built by this TVM series); ``LibraryError`` (a ValueError) says what is wrong with it."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no compiled module at {path!r}")
-    return NestedRuntime(tvm.runtime.load_module(path), device, num_threads=num_threads)
+    check_library(path)
+    try:
+        module = tvm.runtime.load_module(path)
+    except RuntimeError as err:  # TVM's InternalError: what the dynamic loader says (a damaged file it maps)
+        raise LibraryError(f"{path!r} cannot be loaded: {str(err).strip().splitlines()[-1]}") from err
+    return NestedRuntime(module, device, num_threads=num_threads)
 
 
 __all__ = ["NO_TABLE_HELP", "NestedRuntime", "flatten", "load"]

@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 import types
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.support import cc as tvm_cc
 
 from ..contract import CROSS_TOOLCHAINS
+from ..runtime.rpc import BoardError, connect, probe_server, tracker_summary
 from ..target import is_cross
 
 # MetaSchedule's evaluator: one timing (>= MIN_REPEAT_MS) per level per candidate.
@@ -42,7 +44,9 @@ class RPCSettings:
     """Where a remote board measures candidates: a tracker (host, port, key) or a board's RPC server.
 
     ``RPCSettings(tracker_host="10.0.0.2", tracker_port=9190, key="rk3588")`` or
-    ``RPCSettings(host="10.0.0.7", port=9090)``. ``session_timeout``: seconds per measurement session.
+    ``RPCSettings(host="10.0.0.7", port=9090)``. ``session_timeout``: seconds one measurement may
+    take, from reaching the board to its last timing; a board that does not answer within it stops
+    the tuning with ``BoardError`` naming it (the records measured before are kept).
     """
 
     tracker_host: str | None = None
@@ -53,6 +57,9 @@ class RPCSettings:
     session_timeout: int = 60
 
     def __post_init__(self):
+        timeout = self.session_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"RPCSettings: session_timeout must be a number of seconds > 0, got {timeout!r}")
         tracker = (self.tracker_host, self.tracker_port, self.key)
         direct = (self.host, self.port)
         if all(v is not None for v in tracker) and all(v is None for v in direct):
@@ -67,6 +74,35 @@ class RPCSettings:
     @property
     def uses_tracker(self) -> bool:
         return self.tracker_host is not None
+
+    @property
+    def where(self) -> str:
+        if self.uses_tracker:
+            return f"tracker {self.tracker_host}:{self.tracker_port} key {self.key!r}"
+        return f"board {self.host}:{self.port}"
+
+    def connect(self):
+        """An RPC session with the board, within ``session_timeout`` (BoardError naming it otherwise)."""
+        if self.uses_tracker:
+            return connect(
+                tracker=(self.tracker_host, self.tracker_port),
+                key=self.key,
+                timeout=self.session_timeout,
+                session_timeout=self.session_timeout,
+            )
+        return connect((self.host, self.port), timeout=self.session_timeout, session_timeout=self.session_timeout)
+
+    def check_reachable(self) -> None:
+        """Before any work: the board's server answers, or the tracker does and knows the key."""
+        if not self.uses_tracker:
+            probe_server(self.host, self.port, self.session_timeout)
+            return
+        summary = tracker_summary(self.tracker_host, self.tracker_port, self.session_timeout)
+        queue = summary.get("queue_info", {})
+        if self.key not in queue:
+            raise BoardError(
+                f"{self.where}: the tracker has no server registered with this key (keys: {sorted(queue) or 'none'})"
+            )
 
 
 def register_tensor_intrinsics(target: tvm.target.Target) -> None:
@@ -97,9 +133,10 @@ def _build_candidate(mod, target):
     return tvm.tirx.build(rewrite(mod), target=target)
 
 
-def _export_cross(mod, cc: str) -> str:
-    """A shared library the board can load (the RPC runner uploads it)."""
-    path = os.path.join(tempfile.mkdtemp(prefix="tvm_nested_tune_"), "tvm_tmp_mod.so")
+def _export_cross(mod, cc: str, scratch: str) -> str:
+    """A shared library the board can load (the RPC runner uploads it). Each candidate has a folder
+    of its own in ``scratch`` (MetaSchedule's RemoveBuildArtifact removes it once it is measured)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="candidate_", dir=scratch), "tvm_tmp_mod.so")
     mod.export_library(path, fcompile=tvm_cc.cross_compiler(cc))
     return path
 
@@ -130,20 +167,13 @@ def _rpc_alloc(session, device, args_info, alloc_repeat, **kwargs):
     return _alloc_arguments(device, args_info, alloc_repeat, **kwargs)
 
 
-def _rpc_direct_session(rpc_config, *, host, port, timeout):
-    return tvm.rpc.connect(host, port, session_timeout=timeout)
+def _rpc_session(rpc_config, *, settings: RPCSettings):
+    """MetaSchedule's f_create_session: a bounded connect (TVM's own blocks on a silent board)."""
+    return settings.connect()
 
 
-def open_session(settings: RPCSettings):
-    """An RPC session with the board ``settings`` names (directly or through its tracker)."""
-    if settings.uses_tracker:
-        tracker = tvm.rpc.connect_tracker(settings.tracker_host, settings.tracker_port)
-        return tracker.request(settings.key, session_timeout=settings.session_timeout)
-    return tvm.rpc.connect(settings.host, settings.port, session_timeout=settings.session_timeout)
-
-
-def _export_local(mod) -> str:
-    path = os.path.join(tempfile.mkdtemp(prefix="tvm_nested_tune_"), "candidate.so")
+def _export_local(mod, scratch: str) -> str:
+    path = os.path.join(tempfile.mkdtemp(prefix="candidate_", dir=scratch), "candidate.so")
     mod.export_library(path)
     return path
 
@@ -174,15 +204,78 @@ class InProcessBuilder(ms.builder.PyBuilder):
         return results
 
 
-def make_builder(target: tvm.target.Target, runner) -> InProcessBuilder:
-    """The builder for ``runner``'s device: a local .so, or one cross-compiled for the board."""
-    f_export = _export_local
+def make_builder(target: tvm.target.Target, runner, scratch: str) -> InProcessBuilder:
+    """The builder for ``runner``'s device: a local .so, or one cross-compiled for the board; the
+    candidates go into ``scratch`` (one temporary folder per tuning run, removed by ``tune``)."""
+    f_export = functools.partial(_export_local, scratch=scratch)
     if runner != "local" and is_cross(target):
         arch = str(target.attrs.get("mtriple", "")).split("-")[0]
         if arch not in CROSS_TOOLCHAINS:
             raise ValueError(f"no known cross compiler for {target.attrs.get('mtriple')}: cannot export candidates")
-        f_export = functools.partial(_export_cross, cc=CROSS_TOOLCHAINS[arch].cc)
+        f_export = functools.partial(_export_cross, cc=CROSS_TOOLCHAINS[arch].cc, scratch=scratch)
     return InProcessBuilder(f_export)
+
+
+@derived_object
+class _StalledFuture(ms.runner.PyRunnerFuture):
+    def __init__(self, message: str):
+        super().__init__()
+        self.message = message
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return ms.runner.RunnerResult(None, self.message)
+
+
+@derived_object
+class _BoundedFuture(ms.runner.PyRunnerFuture):
+    def __init__(self, owner, inner):
+        super().__init__()
+        self.owner, self.inner = owner, inner
+
+    def done(self) -> bool:
+        return self.owner.stalled is not None or self.inner.done()
+
+    def result(self):
+        return self.owner.wait(self.inner)
+
+
+@derived_object
+class BoundedRunner(ms.runner.PyRunner):
+    """MetaSchedule's RPCRunner with its time-out honoured.
+
+    RPCRunner hands each measurement to a worker process and then waits for its result without a
+    time-out: a board that accepts and never answers kept ``tune`` waiting for ever. Here a result
+    not back ``timeout`` seconds after it is awaited stops the measuring: the worker is killed
+    (``pool.shutdown``), that candidate and every later one fail at once with a message naming the
+    board, and ``tune`` raises ``BoardError`` once MetaSchedule has finished its loop.
+    """
+
+    def __init__(self, inner, timeout: float, where: str):
+        super().__init__()
+        self.inner, self.timeout, self.where = inner, float(timeout), where
+        self.stalled: str | None = None
+
+    def run(self, runner_inputs):
+        if self.stalled is not None:
+            return [_StalledFuture(self.stalled) for _ in runner_inputs]
+        return [_BoundedFuture(self, f) for f in self.inner.run(runner_inputs)]
+
+    def wait(self, future):
+        deadline = time.monotonic() + self.timeout
+        while self.stalled is None and not future.done():
+            if time.monotonic() > deadline:
+                self.stalled = (
+                    f"{self.where} did not answer within {self.timeout:.0f}s (session_timeout): measuring stopped"
+                )
+                self.inner.pool.shutdown(wait=False)  # kills the worker blocked on the board's socket
+                break
+            time.sleep(0.02)
+        if self.stalled is not None:
+            return ms.runner.RunnerResult(None, self.stalled)
+        return future.result()
 
 
 def make_runner(runner, *, seed=0):
@@ -200,31 +293,21 @@ def make_runner(runner, *, seed=0):
             f"runner must be 'local' or tvm_nested.tune.RPCSettings, got {type(runner).__name__} "
             "(MetaSchedule runners are not accepted: nested kernels are measured on their real weights)"
         )
-    extra = {}
-    if runner.uses_tracker:
-        rpc_config = ms.runner.RPCConfig(
-            tracker_host=runner.tracker_host,
-            tracker_port=runner.tracker_port,
-            tracker_key=runner.key,
-            session_timeout_sec=runner.session_timeout,
-        )
-    else:
-        # RPCConfig insists on tracker fields; the board's address stands in (f_create_session connects directly)
-        rpc_config = ms.runner.RPCConfig(
-            tracker_host=runner.host,
-            tracker_port=runner.port,
-            tracker_key="direct",
-            session_timeout_sec=runner.session_timeout,
-        )
-        extra["f_create_session"] = functools.partial(
-            _rpc_direct_session, host=runner.host, port=runner.port, timeout=runner.session_timeout
-        )
-    return ms.runner.RPCRunner(
-        rpc_config=rpc_config,
-        evaluator_config=config,  # time-out: session_timeout
-        f_alloc_argument=functools.partial(_rpc_alloc, **alloc),
-        **extra,
+    # RPCConfig insists on tracker fields; sessions come from f_create_session (bounded) either way
+    rpc_config = ms.runner.RPCConfig(
+        tracker_host=runner.tracker_host or runner.host,
+        tracker_port=runner.tracker_port or runner.port,
+        tracker_key=runner.key or "direct",
+        session_timeout_sec=int(max(1, round(runner.session_timeout))),
     )
+    inner = ms.runner.RPCRunner(
+        rpc_config=rpc_config,
+        evaluator_config=config,
+        f_create_session=functools.partial(_rpc_session, settings=runner),
+        f_alloc_argument=functools.partial(_rpc_alloc, **alloc),
+    )
+    # connecting, uploading and timing every level: the session's time-out, with room to connect
+    return BoundedRunner(inner, 2 * runner.session_timeout + 5, runner.where)
 
 
 def workload_records(db, task_mod) -> list:
@@ -240,8 +323,14 @@ def best_record(records):
 
 
 @contextlib.contextmanager
-def metaschedule_logging():
-    """TVM 0.27's ``tune_tir`` re-configures its logger with ``dictConfig``, listing the handlers already
+def metaschedule_logging(verbose: bool = False):
+    """MetaSchedule's own logging, around one ``tune_tir``.
+
+    ``tune_tir`` writes its logs (task tables, XGBoost's iterations, every candidate) into
+    ``work_dir/logs`` (the tuning log's ``logs/``) and echoes them on stdout at its logger's level:
+    here ERROR unless ``verbose`` (then INFO), so the terminal keeps one progress bar.
+
+    TVM 0.27's ``tune_tir`` re-configures its logger with ``dictConfig``, listing the handlers already
     on it by name: one it did not create (pytest's log capture, a user's unnamed handler) makes it
     crash ("'NoneType' object has no attribute 'format'"). Those are detached while it tunes and put
     back afterwards."""
@@ -249,8 +338,13 @@ def metaschedule_logging():
     foreign = [h for h in logger.handlers if not (h.get_name() or "").startswith(logger.name)]
     for handler in foreign:
         logger.removeHandler(handler)
+    level = logger.level
+    # create_loggers gives its console handler the logger's level, then sets the logger to DEBUG
+    # (its file handlers take everything)
+    logger.setLevel(logging.INFO if verbose else logging.ERROR)
     try:
         yield
     finally:
+        logger.setLevel(level)
         for handler in foreign:
             logger.addHandler(handler)

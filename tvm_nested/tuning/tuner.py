@@ -17,8 +17,10 @@ The workloads come from the one pipeline (``tvm_nested/pipeline.py``), so what i
   default space and XGBoost cost model. Tasks without loops (the 0-d level guard) are skipped.
 
 One tuning log (``schedules/tuning_log.py``: MetaSchedule's JSON database + manifest, and
-``schedules/knob_table.py``) holds both; an interrupted run keeps what it measured. ``build``
-applies it in the pipeline's "kernels" and "schedule" phases (query only, never measure).
+``schedules/knob_table.py``) holds both, locked for the run, records appended whole, so an
+interrupted run keeps what it measured and tuning again adds. ``build`` applies it in the
+pipeline's "kernels" and "schedule" phases (query only, never measure). Candidates are compiled
+into one temporary folder per run, removed when the run ends.
 """
 
 from __future__ import annotations
@@ -26,16 +28,21 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import tvm
+from tqdm import tqdm
+from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from ..contract import call_sites
 from ..pipeline import pipeline
 from ..relay_passes import read_nested_info
+from ..runtime import BoardError
 from ..schedules import cpu, knob_table, tuning_log
 from ..schedules.format import NestedCSR
 from ..schedules.kernel import is_nested_kernel
@@ -48,7 +55,6 @@ from .measure import (
     make_builder,
     make_runner,
     metaschedule_logging,
-    open_session,
     register_tensor_intrinsics,
     workload_records,
 )
@@ -117,6 +123,30 @@ def _has_loops(func) -> bool:
     return any(len(getattr(p.ty, "shape", ())) > 0 for p in func.params)
 
 
+@derived_object
+class _ProgressBar(ms.measure_callback.PyMeasureCallback):
+    """MetaSchedule calls it after every measured batch: the bar advances by the batch and shows the
+    task and its best mean latency so far."""
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+        self.best: float | None = None
+
+    def start(self, label: str) -> None:
+        self.best = None
+        self.bar.set_description_str(label, refresh=False)
+        self.bar.set_postfix_str("", refresh=True)
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        secs = [float(np.mean([float(s) for s in r.run_secs])) for r in runner_results if r.run_secs]
+        if secs:
+            self.best = min(secs) if self.best is None else min(self.best, *secs)
+        if self.best is not None:
+            self.bar.set_postfix_str(f"best {self.best * 1e3:.4f} ms", refresh=False)
+        self.bar.update(len(runner_results))
+
+
 def tune(
     mod: tvm.IRModule,
     target,
@@ -128,26 +158,47 @@ def tune(
     num_trials_per_iter: int = 16,
     seed: int = 0,
     progress: bool = True,
+    verbose: bool = False,
 ) -> TuningReport:
     """Tune every nested kernel and dense operator of ``mod`` for ``target`` into the log ``work_dir``.
 
     ``max_trials``: measured candidates per function (each nested kernel, each dense task).
     ``runner``: ``"local"`` (this machine) or ``RPCSettings`` (a board). ``levels``: the levels a
     nested kernel is measured at (default: all); a candidate's cost is their mean.
+    ``progress``: one progress bar on stderr (functions, trials done of the total, the best latency
+    of the current function, time left) and the report at the end; ``verbose``: MetaSchedule's own
+    log lines on the terminal too (they always go to ``work_dir/logs``).
+
+    The log is locked for this run (``schedules/tuning_log.py``): a second ``tune`` into it raises
+    ``TuningLogError``; builds may read it meanwhile. A board that does not answer within
+    ``RPCSettings.session_timeout`` raises ``BoardError`` naming it.
     """
-    if max_trials < 1 or num_trials_per_iter < 1:
-        raise ValueError(f"max_trials and num_trials_per_iter must be >= 1, got {max_trials}, {num_trials_per_iter}")
+    if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
+        raise ValueError(f"max_trials must be an integer >= 1, got {max_trials!r}")
+    if isinstance(num_trials_per_iter, bool) or not isinstance(num_trials_per_iter, int) or num_trials_per_iter < 1:
+        raise ValueError(f"num_trials_per_iter must be an integer >= 1, got {num_trials_per_iter!r}")
     if runner != "local" and not isinstance(runner, RPCSettings):
         make_runner(runner)  # raises the explanatory TypeError
     tgt = parse_target(target)
     _check_cpu(tgt)
     if runner == "local" and is_cross(tgt):
         raise ValueError(
-            f"target {tgt} does not run on this machine: tune it on the board with runner=RPCSettings(...)"
+            f"target {tgt} does not run on this machine: tune it on the board with runner=RPCSettings(...) "
+            "(tvm-nested tune --rpc HOST:PORT, or --tracker HOST:PORT --key KEY)"
         )
-    path = tuning_log.open_for_tuning(work_dir, tgt)
+    if isinstance(runner, RPCSettings):
+        runner.check_reachable()  # a silent or absent board is named now, not after compiling
+    with (
+        tuning_log.open_for_tuning(work_dir, tgt) as log,
+        tempfile.TemporaryDirectory(prefix="tvm_nested_tune_") as scratch,
+    ):
+        return _tune(mod, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose)
+
+
+def _tune(mod, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose):
+    path = log.path
     start = time.time()
-    say = print if progress else (lambda *a, **k: None)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda *a, **k: None)
     with tgt, tvm.transform.PassContext(opt_level=3):
         graph = pipeline(tgt, stop_after="stages")(mod)
     info = read_nested_info(graph) or {"num_levels": 1}
@@ -156,33 +207,49 @@ def tune(
     bad = [v for v in levels if not 0 <= v < num_levels]
     if not levels or bad:
         raise ValueError(f"levels must be a non-empty subset of 0..{num_levels - 1}, got {levels}")
-    # 1. nested kernels: their CPU knobs (structure and packing) measured on the real weights,
-    #    into the log's knob table; the "kernels" phase then packs each layer for its best knobs
-    results = _tune_nested(graph, tgt, path, levels, max_trials, runner, seed, say)
-    # 2. the dense remainder: MetaSchedule (XGBoost cost model) over the pipeline's own PrimFuncs
-    with tgt, tvm.transform.PassContext(opt_level=3):
-        lowered = pipeline(tgt, tuning_log=path, start_at="kernels", stop_after="legalize")(graph)
-    results += _tune_dense(lowered, tgt, path, max_trials, num_trials_per_iter, runner, seed, say)
+    kernels = [(gv, f) for gv, f in graph.functions_items() if (s := spec_of(f)) is not None and s.layout == "rows"]
+    say(
+        f"[tvm-nested tune] {len(kernels)} nested kernels and the dense operators, {max_trials} trials each, "
+        f"levels {levels}, log {path} (MetaSchedule's own logs: {path / tuning_log.LOGS_DIR})"
+    )
+    bar = tqdm(
+        total=len(kernels) * max_trials,
+        unit="trial",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
+    try:
+        # 1. nested kernels: their CPU knobs (structure and packing) measured on the real weights,
+        #    into the log's knob table; the "kernels" phase then packs each layer for its best knobs
+        results = _tune_nested(graph, kernels, tgt, log, levels, max_trials, runner, seed, bar)
+        # 2. the dense remainder: MetaSchedule (XGBoost cost model) over the pipeline's own PrimFuncs
+        with tgt, tvm.transform.PassContext(opt_level=3):
+            lowered = pipeline(tgt, tuning_log=path, start_at="kernels", stop_after="legalize")(graph)
+        results += _tune_dense(lowered, tgt, log, scratch, max_trials, num_trials_per_iter, runner, seed, verbose, bar)
+    finally:
+        bar.close()
     report = TuningReport(str(path), str(tgt), results, time.time() - start)
-    say(str(report))
+    if progress:
+        print(str(report), flush=True)
     return report
 
 
-def _tune_nested(graph, target, path, levels, max_trials, runner, seed, say) -> list[KernelTuning]:
-    session = open_session(runner) if isinstance(runner, RPCSettings) else None
+def _tune_nested(graph, kernels, target, log, levels, max_trials, runner, seed, bar) -> list[KernelTuning]:
+    session = runner.connect() if isinstance(runner, RPCSettings) else None
     try:
-        return _measure_nested(graph, target, path, levels, max_trials, session, seed, say)
+        return _measure_nested(graph, kernels, target, log, levels, max_trials, session, seed, bar)
     finally:
         # a TVM RPC server serves one client: the board must be free for the dense stage's runner
-        # and the caller; the session (and the remote objects that reference it) go now
+        # and the caller, so the session (and the remote objects that reference it) go now
         del session
         gc.collect()
 
 
-def _measure_nested(graph, target, path, levels, max_trials, session, seed, say) -> list[KernelTuning]:
-    table = knob_table.load_knobs(path)
+def _measure_nested(graph, kernels, target, log, levels, max_trials, session, seed, bar) -> list[KernelTuning]:
+    table = knob_table.load_knobs(log.path)
     sites = call_sites(graph)
-    kernels = [(gv, f) for gv, f in graph.functions_items() if (s := spec_of(f)) is not None and s.layout == "rows"]
     results = []
     for i, (gv, func) in enumerate(kernels, start=1):
         spec, args = spec_of(func), sites[gv.name_hint]
@@ -192,12 +259,16 @@ def _measure_nested(graph, target, path, levels, max_trials, session, seed, say)
         done = {json.dumps(m["knobs"], sort_keys=True) for m in entry["measured"]}
         todo = [k for k in cpu.knob_space(spec, target) if json.dumps(asdict(k), sort_keys=True) not in done]
         todo = todo[: max(0, max_trials - len(done))]
-        say(
-            f"[tvm-nested tune] {i}/{len(kernels)} {gv.name_hint} (nested {spec.op}): {len(done)} candidates "
-            f"in the log, measuring {len(todo)}",
-            flush=True,
-        )
-        found = knobs.measure(spec, fmt, args, todo, target, levels, session=session, seed=seed)
+        bar.set_description_str(f"{i}/{len(kernels)} {gv.name_hint}", refresh=False)
+        best_so_far = [float("inf")]
+
+        def advance(_done, _total, candidate, best_so_far=best_so_far):
+            best_so_far[0] = min(best_so_far[0], candidate.seconds)
+            if np.isfinite(best_so_far[0]):
+                bar.set_postfix_str(f"best {best_so_far[0] * 1e3:.4f} ms", refresh=False)
+            bar.update(1)
+
+        found = knobs.measure(spec, fmt, args, todo, target, levels, session=session, seed=seed, progress=advance)
         entry["measured"] += [
             {"knobs": asdict(c.knobs), "level_seconds": c.level_seconds, "error": c.error} for c in found
         ]
@@ -206,7 +277,10 @@ def _measure_nested(graph, target, path, levels, max_trials, session, seed, say)
             raise RuntimeError(f"{gv.name_hint}: no candidate built and ran: {found[0].error if found else '?'}")
         best = min(ok, key=lambda m: float(np.mean(m["level_seconds"])))
         entry["knobs"], entry["level_seconds"] = best["knobs"], best["level_seconds"]
-        knob_table.save_knobs(path, {key: entry})
+        knob_table.save_knobs(log, {key: entry})
+        table[key] = entry
+        bar.n = i * max_trials  # a short space: the next kernel starts here
+        bar.refresh()
         results.append(
             KernelTuning(
                 name=gv.name_hint,
@@ -219,16 +293,12 @@ def _measure_nested(graph, target, path, levels, max_trials, session, seed, say)
                 level_seconds=list(best["level_seconds"]),
             )
         )
-        say(
-            f"[tvm-nested tune] {gv.name_hint}: best {results[-1].best_seconds * 1e3:.4f} ms ("
-            + ", ".join(f"L{lv} {s * 1e3:.4f}" for lv, s in zip(levels, best["level_seconds"]))
-            + ")",
-            flush=True,
-        )
     return results
 
 
-def _tune_dense(lowered, target, path, max_trials, num_trials_per_iter, runner, seed, say) -> list[KernelTuning]:
+def _tune_dense(
+    lowered, target, log, scratch, max_trials, num_trials_per_iter, runner, seed, verbose, bar
+) -> list[KernelTuning]:
     tasks = [
         t
         for t in ms.relax_integration.extract_tasks(lowered, target)
@@ -237,31 +307,41 @@ def _tune_dense(lowered, target, path, max_trials, num_trials_per_iter, runner, 
     if not tasks:
         return []
     register_tensor_intrinsics(target)
-    builder = make_builder(target, runner)
+    builder = make_builder(target, runner, scratch)
     measure = make_runner(runner, seed=seed)
-    db = tuning_log.database(path)
+    db = log.database
+    start = bar.n
+    bar.total = start + len(tasks) * max_trials
+    callback = _ProgressBar(bar)
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), callback]
     results = []
     for i, task in enumerate(tasks, start=1):
         task_mod = task.dispatched[0]
         before = len(workload_records(db, task_mod))
-        say(f"[tvm-nested tune] dense {i}/{len(tasks)} {task.task_name}: {before} records in the log", flush=True)
-        with metaschedule_logging():
+        callback.start(f"dense {i}/{len(tasks)} {task.task_name}")
+        with metaschedule_logging(verbose):
             ms.tune_tir(
                 task_mod,
                 target,
-                str(path),
+                str(log.path),
                 max_trials_global=max_trials,
                 num_trials_per_iter=min(num_trials_per_iter, max_trials),
                 builder=builder,
                 runner=measure,
                 database=db,
                 cost_model="xgb",
+                measure_callbacks=callbacks,
                 space="post-order-apply",
                 seed=seed,
                 strategy=ms.search_strategy.EvolutionarySearch(
                     population_size=max(64, min(512, 8 * max_trials)), max_fail_count=2
                 ),
             )
+        stalled = getattr(measure, "stalled", None)
+        if stalled is not None:
+            raise BoardError(f"{stalled}; the records measured before are kept in {log.path}")
+        bar.n = start + i * max_trials
+        bar.refresh()
         records = workload_records(db, task_mod)
         best = best_record(records)
         secs = [float(s) for s in best.run_secs] if best is not None else None
