@@ -16,7 +16,8 @@ import warnings
 
 from ..build import build
 from ..deploy import BoardError, deploy, is_emulated
-from ..runtime import example_inputs, load
+from ..runtime import example_inputs, load, num_threads
+from ..runtime.profile import profile_levels, summary
 from .common import (
     EXIT_USAGE,
     CLIError,
@@ -102,6 +103,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    rt = load(args.module, num_threads=args.threads)
+    inputs = [load_npy(f) for f in args.input] or example_inputs(rt.info, args.seed)
+    levels = range(rt.num_levels) if args.level is None else [rt.check_level(args.level)]
+    profiles = profile_levels(rt, inputs, levels, repeat=args.repeat)
+    print(f"{args.module}: {rt.num_levels} levels, {num_threads()} TVM thread(s), this machine\n")
+    print(summary(profiles))
+    for p in profiles:
+        lines = str(p).splitlines()
+        print("\n" + "\n".join(lines[: 4 + args.top]))
+        if len(p.rows) > args.top:
+            print(f"| ... {len(p.rows) - args.top} more | | | | | |")
+    return 0
+
+
 def cmd_demo(args) -> int:
     run_demo(args.model, args.densities, seed=args.seed, threads=args.threads, target=args.target)
     return 0
@@ -144,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     add_board_arguments(p, required=False)  # --rpc host:port | --tracker host:port --key K: run on a board
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("profile", help="where the time goes: every function of a compiled module, per level, sorted")
+    p.add_argument("module")
+    p.add_argument("--level", type=non_negative_int, default=None, help="one level (default: every level)")
+    p.add_argument("--input", action="append", default=[], help=".npy file per model input (default: seeded random)")
+    p.add_argument("--threads", type=positive_int, default=None, help="TVM CPU threads (default: TVM's own)")
+    p.add_argument("--repeat", type=positive_int, default=10, help="calls timed per level")
+    p.add_argument("--top", type=positive_int, default=15, help="functions listed per level (the slowest)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser(
         "demo", help="nest a model-zoo architecture, compile one module, check every level vs onnxruntime"

@@ -13,8 +13,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
-
 
 @dataclass
 class ProfileRow:
@@ -119,5 +117,3 @@ def summary(profiles: list[Profile]) -> str:
 
 
 __all__ = ["Profile", "ProfileRow", "profile", "profile_levels", "summary"]
-
-_ = np  # numpy is the runtime's array type; kept for callers building inputs
