@@ -425,16 +425,21 @@ def default_knobs(spec: Conv2dSpec, vl: int, threads: int) -> CPUConvKnobs:
 
 def knob_space(spec: Conv2dSpec, vl: int, threads: int) -> list[CPUConvKnobs]:
     """The candidates the tuner measures for one layer (the defaults first): tile in {4, 8, 12}
-    registers, input-channel blocks {1, 2, 4} (3x3 and larger, C/groups >= 64), row alignment,
+    registers, input-channel blocks {1, 2, 4} (3x3 and larger, C/groups >= 64; {1, 2, 4, 8} for 1x1
+    with C/groups >= 128), row alignment,
     shifted copies (with alignment), direct vs staged (1x1 stride 1), output-channel chunks (threads
     > 1)."""
     base = default_knobs(spec, vl, threads)
     KH, KW = spec.kernel_size
     CG = spec.x_shape[1] // spec.groups
     pointwise = KH == KW == 1 and spec.strides == (1, 1) and not any(spec.padding)
+    if KH * KW > 1:
+        blocks = (1, 2, 4) if CG >= 64 else (1,)
+    else:  # 1x1: blocks pay at dense levels when the input slice of a tile overflows L1 (C >= 128)
+        blocks = (1, 2, 4, 8) if CG >= 128 else (1,)
     out = [base]
     for regs in (4, 8, 12):
-        for cb in (1, 2, 4) if KH * KW > 1 and CG >= 64 else (1,):
+        for cb in blocks:
             for align in (1, vl):
                 for shift in (False, True) if KH * KW > 1 and align == vl else (False,):
                     for direct in ("auto", "never") if pointwise else ("auto",):
