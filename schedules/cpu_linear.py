@@ -26,14 +26,13 @@ from .cpu_tir import (
     F32,
     Acc,
     accumulate,
-    bits,
     cdiv,
     clamped_level,
     epilogue_value,
     flat,
     i32,
     maybe_if,
-    prefetch,
+    prefetch_prefix,
     round_up,
     transpose,
     vec,
@@ -104,19 +103,12 @@ def linear_cpu(spec: LinearSpec) -> PrimFunc:
     return ib.get()
 
 
-def _prefetch_row(spec, p, vals, cols, row_ptr, level_len, level, m) -> None:
-    """Prefetch the level prefix (values and indices) of row ``m + prefetch``."""
-    k, L = spec.knobs, spec.packed.num_levels
-    mp = TB.Bind(TB.min(m + k.prefetch, spec.packed.rows - 1))
-    sp = TB.Bind(row_ptr[mp])
-    npf = TB.Bind(i32(level_len[clamped_level(level, L), mp]))
-    per_line = 512 // bits(cols.dtype)  # indices per 64-byte cache line
-    with TB.If(npf < k.prefetch_max_len):
-        with TB.Then():
-            with TB.serial(0, (npf + 15) // 16) as c:  # one line of values per 16 entries
-                prefetch(vals, sp + c * 16)
-            with TB.serial(0, (npf + per_line - 1) // per_line) as c:
-                prefetch(cols, sp + c * per_line)
+def _prefetch_row(spec, vals, cols, row_ptr, level_len, level, m) -> None:
+    """Prefetch the level prefix of row ``m + prefetch``."""
+    k = spec.knobs
+    ahead = TB.Bind(TB.min(m + k.prefetch, spec.packed.rows - 1))
+    lvl = clamped_level(level, spec.packed.num_levels)
+    prefetch_prefix(vals, cols, row_ptr, level_len, lvl, ahead, k.prefetch_max_len)
 
 
 def _gemv(spec, p, xf, vals, cols, row_ptr, level_len, bias, resf, level, outf) -> None:
@@ -133,7 +125,7 @@ def _gemv(spec, p, xf, vals, cols, row_ptr, level_len, bias, resf, level, outf) 
                 s = TB.Bind(row_ptr[m])
                 n = TB.Bind(i32(level_len[clamped_level(level, L), m]))
                 if k.prefetch:
-                    _prefetch_row(spec, p, vals, cols, row_ptr, level_len, level, m)
+                    _prefetch_row(spec, vals, cols, row_ptr, level_len, level, m)
                 with TB.serial(0, n // U) as jj:
                     for u in range(U):
                         e = s + jj * U + u
@@ -187,7 +179,7 @@ def _batch(spec, p, xt, vals, cols, row_ptr, level_len, bias, resf, level, outf)
             s = TB.Bind(row_ptr[m])
             n = TB.Bind(i32(level_len[clamped_level(level, L), m]))
             if k.prefetch:
-                _prefetch_row(spec, p, vals, cols, row_ptr, level_len, level, m)
+                _prefetch_row(spec, vals, cols, row_ptr, level_len, level, m)
             for u in range(k.partial):
                 vec(TBr, V, lambda c0, q, u=u: acc.set(u, c0, q, zero))
             accumulate(acc, vals, cols, s, n, xt, b0, stride=BP)

@@ -100,6 +100,21 @@ def prefetch(buf, index) -> None:
     TB.evaluate(TB.call_llvm_intrin("void", "llvm.prefetch.p0", TB.address_of(buf[index]), 0, 3, 1))
 
 
+def prefetch_prefix(vals, idx, row_ptr, level_len, lvl, row, max_len: int) -> None:
+    """Prefetch the level prefix (values and indices) of ``row`` when it is shorter than
+    ``max_len`` entries: short prefixes are a few lines each, scattered one row slot apart, which
+    the hardware prefetchers do not follow; long ones stream."""
+    start = TB.Bind(row_ptr[row])
+    n = TB.Bind(i32(level_len[lvl, row]))
+    per_line = 512 // bits(idx.dtype)  # indices per 64-byte cache line
+    with TB.If(n < max_len):
+        with TB.Then():
+            with TB.serial(0, (n + 15) // 16) as c:  # one line of values per 16 entries
+                prefetch(vals, start + c * 16)
+            with TB.serial(0, (n + per_line - 1) // per_line) as c:
+                prefetch(idx, start + c * per_line)
+
+
 def transpose(rows: list, V: int) -> list:
     """Transpose V vectors of V lanes: log2(V) butterfly stages of 2-input shuffles (stage s swaps
     s-lane blocks between rows i and i+s). LLVM maps each to one or two permutes: about 120
@@ -165,6 +180,7 @@ __all__ = [
     "i32",
     "maybe_if",
     "prefetch",
+    "prefetch_prefix",
     "round_up",
     "transpose",
     "vec",

@@ -111,11 +111,13 @@ class CPUConvKnobs:
     pw_align: int = 1  # staged row width rounded up to a multiple of this (vl: aligned rows)
     direct: str = "auto"  # 1x1 stride-1 convs read x directly: "auto" (H*W % vl == 0) | "always" | "never"
     shift_copies: bool = False  # stage one copy per kw shift so every tap load is row-aligned
+    prefetch: int = 0  # software prefetch of the (sub-)row this many rows ahead (0: none)
 
     def __post_init__(self):
         for name in ("vl", "tile", "partial", "threads", "cblocks", "pw_align"):
             _pos_int(f"CPUConvKnobs.{name}", getattr(self, name))
         _pos_int("CPUConvKnobs.oc_chunk", self.oc_chunk, 0)
+        _pos_int("CPUConvKnobs.prefetch", self.prefetch, 0)
         if self.tile % self.vl:
             raise ValueError(f"CPUConvKnobs.tile={self.tile} must be a multiple of vl={self.vl}")
         if self.direct not in ("auto", "always", "never"):
