@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from ir_checks import loop_kinds
+from ir_checks import block_names, loop_kinds
 from tvm import relax
 
 from tvm_nested.pipeline import pipeline
@@ -87,3 +87,25 @@ def test_rule_leaves_nested_kernels_and_other_targets_alone():
     assert schedule_dense_func(func, tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) is None
     scheduled = schedule_dense_func(func, HOST)
     assert scheduled is not None and schedule_dense_func(scheduled, HOST) is None  # already scheduled
+
+
+def test_strided_pool_inlines_its_pad_and_unrolls_the_window():
+    """A 3x3/2 max pool: vectorising the output columns would gather every other input, so the
+    rule keeps them scalar, computes the pad where it is read (no padded copy) and unrolls the
+    window; the result matches the unscheduled pool."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 15, 15), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.max_pool2d(x, (3, 3), (2, 2), padding=(1, 1)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    legal = _legalized(mod)
+    func = next(f for _, f in legal.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    assert "pad_temp" in block_names(func)
+    scheduled = schedule_dense_func(func, HOST)
+    assert "pad_temp" not in block_names(scheduled)
+    kinds = loop_kinds(scheduled)
+    assert kinds["unrolled"] == 2 and kinds["parallel"] == 1 and not kinds["vectorized"]
+    args = [np.random.default_rng(3).standard_normal((1, 4, 15, 15)).astype(np.float32)]
+    np.testing.assert_allclose(_run(_legalized(mod, stop_after="schedule"), args), _run(mod, args), rtol=0, atol=0)

@@ -22,6 +22,7 @@ from tvm.s_tir import Schedule  # 0.27: tvm.tir.Schedule moved to tvm.s_tir
 from tvm.script import tirx as T  # 0.27: tvm.script.tir became tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as TB  # TIR built from Python (loops Python unrolls)
+from tvm.sym import detect_linear_equation  # 0.27: tvm.arith became tvm.sym
 
 # ------------------------------------------------------------------------------- the model input
 LEVEL = "level"  # the name of the level input (DESIGN section 2)
@@ -159,6 +160,7 @@ __all__ = [
     "as_target",
     "call_sites",
     "const_numpy",
+    "detect_linear_equation",
     "dtype_of",
     "fresh_copy",
     "static_shape",
