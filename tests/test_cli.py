@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,11 @@ def test_demo_small_model(capsys):
     out = capsys.readouterr().out
     assert "every level matches onnxruntime (rel. err <= 1e-4): yes" in out
     assert out.count("| 3 | 5.0% |") == 1
+    # onnxruntime on the plain dense model, timed in the same run, and the speedup of every level
+    ort_ms = float(re.search(r"onnxruntime on the plain dense model: ([0-9.]+) ms", out).group(1))
+    speedups = re.findall(r"\| ([0-9.]+) \| ([0-9.]+)x \|\n", out)
+    assert ort_ms > 0 and len(speedups) == 4
+    assert all(abs(ort_ms / float(ms) - float(x)) <= 0.02 * float(x) + 0.01 for ms, x in speedups)
 
 
 # ----------------------------------------------------------------- outputs never replace inputs

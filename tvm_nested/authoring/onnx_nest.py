@@ -266,12 +266,16 @@ def masked_dense_onnx(model, level: int):
 
 
 # ----------------------------------------------------------------------------------- ORT oracle
-def ort_session(model):
-    """An onnxruntime CPU session for ``model`` (ModelProto or path)."""
+def ort_session(model, threads: int | None = None):
+    """An onnxruntime CPU session for ``model`` (ModelProto or path); ``threads``: intra-op
+    threads (None: onnxruntime's default, one per physical core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     return ort.InferenceSession(load_onnx(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
