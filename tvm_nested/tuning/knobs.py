@@ -2,8 +2,9 @@
 
 A candidate is a (packing, kernel) pair (``schedules.cpu.specialize``): it is compiled, given the
 layer's real packed weights (and bias), a seeded random input (and residual), and timed at every
-level asked for with the device's own ``time_evaluator``; its cost is the mean over the levels
-(one compiled kernel serves them all). Every timed call follows a flush of the CPU caches
+level asked for with the device's own ``time_evaluator``; one compiled kernel serves every level,
+so ``best`` weighs them alike (geometric mean) and never takes a candidate that is slower than the
+defaults at any level. Every timed call follows a flush of the CPU caches
 (``FLUSH_BYTES``): inside a model a layer's weights, staging buffer and output are not in cache
 when it starts (measured on ResNet-50: the layers ran 1.5-3x slower in the model than in a hot
 loop), and knobs chosen on hot caches favour data that will not be there. On a board the candidate
@@ -27,6 +28,7 @@ from ..target import is_cross
 
 FLUSH_BYTES = 16 << 20  # more than any CPU's L2 and most L3 slices: the layer starts cold
 REPEATS = 9  # cold single calls per level (the median counts)
+NO_WORSE = 1.05  # a chosen candidate is within this of the defaults at every level (timing noise)
 
 
 @dataclass
@@ -37,7 +39,27 @@ class Candidate:
 
     @property
     def seconds(self) -> float:
-        return float(np.mean(self.level_seconds)) if self.level_seconds else float("inf")
+        """Geometric mean over the levels (see ``best``)."""
+        return geomean(self.level_seconds) if self.level_seconds else float("inf")
+
+
+def geomean(values) -> float:
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def best(measured: list[dict]) -> dict:
+    """The measured candidate (``{"knobs", "level_seconds", ...}``, the defaults first) to keep:
+    the lowest geometric mean over the levels, so that every level's speed counts alike (a mean in
+    seconds lets the densest level decide alone, and a knob that pays there, such as input-channel
+    blocks, can cost the sparse levels more), among the candidates no level of which is slower
+    than the defaults' by more than ``NO_WORSE``: tuning never slows a level down."""
+    ok = [m for m in measured if m["level_seconds"]]
+    if not ok:
+        raise ValueError("no candidate built and ran")
+    if measured[0]["level_seconds"]:
+        base = measured[0]["level_seconds"]
+        ok = [m for m in ok if all(s <= NO_WORSE * b for s, b in zip(m["level_seconds"], base))]
+    return min(ok, key=lambda m: geomean(m["level_seconds"]))
 
 
 def _arrays(site_args, packed, seed: int) -> list:
@@ -100,4 +122,4 @@ def _load(lib, target, session, name: str):
         return session.load_module(name)
 
 
-__all__ = ["Candidate", "measure"]
+__all__ = ["NO_WORSE", "Candidate", "best", "geomean", "measure"]

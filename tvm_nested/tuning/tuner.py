@@ -275,7 +275,7 @@ def _measure_nested(graph, kernels, target, log, levels, max_trials, session, se
         ok = [m for m in entry["measured"] if m["level_seconds"]]
         if not ok:
             raise RuntimeError(f"{gv.name_hint}: no candidate built and ran: {found[0].error if found else '?'}")
-        best = min(ok, key=lambda m: float(np.mean(m["level_seconds"])))
+        best = knobs.best(entry["measured"])
         entry["knobs"], entry["level_seconds"] = best["knobs"], best["level_seconds"]
         knob_table.save_knobs(log, {key: entry})
         table[key] = entry
