@@ -58,6 +58,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_isa() -> str:
+    """The vector ISA the host offers (what the llvm target compiles for): AVX-512 / AVX2 / NEON."""
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    if "avx512f" in flags:
+        return "AVX-512" + (" (VNNI)" if "avx512_vnni" in flags else "")
+    if "avx2" in flags:
+        return "AVX2"
+    if "asimd" in flags or "neon" in flags:
+        return "NEON"
+    return platform.machine()
+
+
+def host_mcpu(target) -> str:
+    return str(target.attrs.get("mcpu", "generic"))
+
+
 def _level_map(shape, rng) -> np.ndarray:
     """Level l keeps the weights with r < DENSITIES[l] (nested by construction)."""
     r = rng.random(shape)
@@ -227,7 +250,8 @@ def write_results(rows, meta, stem="kernels"):
     lines = [
         f"# Nested kernels vs peers ({stem})",
         "",
-        f"CPU: {meta['cpu']}; dtype {meta['dtype']}; batch as named (linear: rows x cols, "
+        f"CPU: {meta['cpu']}, {meta.get('isa', '?')} (llvm -mcpu={meta.get('mcpu', '?')}); "
+        f"dtype {meta['dtype']}; batch as named (linear: rows x cols, "
         f"batch b / points n; conv: batch 1, NCHW); load average at start {meta['load_start']}, "
         f"at end {meta['load_end']}. Times in ms (median); nested = default schedule, untuned.",
         "",
@@ -303,6 +327,8 @@ def main(argv=None):
     names = QUICK if args.quick else list(WORKLOADS)
     meta = {
         "cpu": cpu_model(),
+        "isa": cpu_isa(),
+        "mcpu": host_mcpu(target),
         "target": str(target),
         "dtype": "float32",
         "threads": args.threads,
@@ -314,7 +340,8 @@ def main(argv=None):
         "tuned": "not measured (default schedule only)",
     }
     print(
-        f"CPU {meta['cpu']}, target {target}, dtype float32, threads {args.threads}, load {meta['load_start']:.2f}",
+        f"CPU {meta['cpu']} ({meta['isa']}, llvm -mcpu={meta['mcpu']}), dtype float32, "
+        f"threads {args.threads}, load {meta['load_start']:.2f}",
         flush=True,
     )
     rows = []

@@ -1,13 +1,20 @@
-"""Nested ResNet-50 (tvm_nested.authoring.zoo.nested, seeded weights) at every level vs dense peers, CPU.
+"""Nested ResNet-50 at every level vs onnxruntime on the plain dense model, untuned and tuned, CPU.
 
-Peers:
-  nested       the one compiled module (tvm_nested.build(..., "llvm"), default schedules, untuned)
-               at each level; module size = exported .so, payload = packed nested weights
-  ort_dense    onnxruntime on the dense zoo model (same seeded weights, no level input)
-  torch_dense  torch conv2d/linear on the same list of conv and gemm layers only (no BN, pooling,
-               ReLU, residual adds: onnx2torch/torchvision are not installed), a lower bound for a
-               whole torch model
-Usage: python bench/models.py [--threads 1 2] [--model resnet50]
+One nested model (tvm_nested.authoring.zoo.nested, seeded weights) with levels at 50/20/10/5 %
+density and one more at 0.1 %: with almost no sparse work left, that level measures what the
+module spends outside the sparse FMAs (staging, epilogues, output writes, pooling, the classifier).
+
+Peers, timed in one run, interleaved round by round (each round times every peer once, so load
+that drifts during the run hits them alike; the median over rounds counts):
+  ort_dense   onnxruntime on the plain dense zoo model (same seeded weights, no level input: the
+              nested ONNX would recompute W * (LM >= level) every call)
+  untuned     tvm_nested.build(..., "llvm"): every target family's default knobs and schedules
+  tuned       the same with --tune N trials per function (tvm_nested.tune into --tuning-log, or a
+              temporary log), or with an existing --tuning-log
+and, per level, the profile of the (tuned, else untuned) module at 1 thread: time per nested
+layer shape and for the dense remainder (tvm_nested.runtime.profile).
+
+Usage: python bench/models.py [--model resnet50] [--threads 1 2] [--tune 16] [--tuning-log DIR]
 Writes bench/results/models.{md,json,png}.
 """
 
@@ -19,195 +26,222 @@ import os
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import RESULTS, _time_torch, cpu_model
+from kernels import RESULTS, cpu_isa, cpu_model, host_mcpu
 
-DENSITIES = (0.5, 0.2, 0.1, 0.05)
-
-
-def _conv_gemm_layers(model):
-    """(kind, weight, input shape, attrs) of every Conv and Gemm of an ONNX model (shape-inferred)."""
-    import onnx
-    from onnx import numpy_helper, shape_inference
-
-    m = shape_inference.infer_shapes(model)
-    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
-    shapes = {}
-    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-        shapes[vi.name] = dims
-    layers = []
-    for node in m.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or node.input[1] not in init:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        layers.append((node.op_type, init[node.input[1]].astype(np.float32), shapes.get(node.input[0]), attrs))
-    return layers
+DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.001)
 
 
-def _torch_layers_ms(layers, threads):
-    import torch
-    import torch.nn.functional as F
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """name -> median ms of one call, every name timed once per round (after one warm-up call)."""
+    for fn in fns.values():
+        fn()
+    times = defaultdict(list)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v)) * 1e3 for name, v in times.items()}
 
-    torch.set_num_threads(threads)
-    calls = []
-    for kind, w, shape, attrs in layers:
-        x = torch.randn(*shape)
-        wt = torch.from_numpy(w)
-        if kind == "Conv":
-            pads = attrs.get("pads", [0, 0, 0, 0])
-            strides, groups = attrs.get("strides", [1, 1]), attrs.get("group", 1)
-            calls.append(
-                lambda x=x, wt=wt, s=strides, p=pads[:2], g=groups: F.conv2d(x, wt, stride=s, padding=p, groups=g)
-            )
-        else:
-            if attrs.get("transB", 0) == 0:
-                wt = wt.T.contiguous()
-            calls.append(lambda x=x, wt=wt: F.linear(x, wt))
 
-    def run_all():
-        with torch.no_grad():
-            for c in calls:
-                c()
+def _call(rt, arguments):
+    """One call of ``main`` with prepared arguments (no conversion inside the timed call)."""
+    return lambda: rt.invoke("main", arguments)
 
-    return _time_torch(run_all, min_s=0.2, repeat=5)
+
+def _shape_groups(profile, layers) -> dict:
+    """Profile rows summed per nested layer shape (``conv2d rows x cols``) and the remainder."""
+    shape = {lay["kernel"]: f"{lay['op']} {lay['rows']}x{lay['cols']}" for lay in layers}
+    out = defaultdict(lambda: [0, 0.0])
+    for r in profile.rows:
+        key = shape.get(r.function, "dense remainder")
+        out[key][0] += 1 if r.layer else r.calls
+        out[key][1] += r.ms
+    return dict(out)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="tune with TRIALS per function first")
+    ap.add_argument("--tuning-log", help="the log to tune into / build with (default: a temporary one)")
+    ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args(argv)
 
-    import onnxruntime as ort
     import tvm
 
     import tvm_nested
     from tvm_nested.authoring import zoo
-    from tvm_nested.authoring.onnx_nest import ort_run
+    from tvm_nested.authoring.onnx_nest import ort_run, ort_session
+    from tvm_nested.runtime.profile import profile
 
-    load_start = os.getloadavg()[0]
+    target = tvm_nested.parse_target("llvm")
+    meta = {
+        "cpu": cpu_model(),
+        "isa": cpu_isa(),
+        "mcpu": host_mcpu(target),
+        "model": args.model,
+        "dtype": "float32",
+        "batch": 1,
+        "threads": args.threads,
+        "densities": list(DENSITIES),
+        "rounds": args.rounds,
+        "load_start": os.getloadavg()[0],
+        "tvm": tvm.__version__,
+    }
     print(
-        f"CPU {cpu_model()}, model {args.model}, dtype float32, batch 1, threads {args.threads}, load {load_start:.2f}",
+        f"CPU {meta['cpu']} ({meta['isa']}, llvm -mcpu={meta['mcpu']}), {args.model}, fp32, batch 1, "
+        f"threads {args.threads}, load {meta['load_start']:.2f}",
         flush=True,
     )
     dense_model = zoo.load(args.model)
     nested_model = zoo.nested(args.model, densities=DENSITIES)
     feed = zoo.example_input(dense_model)
     ((_in_name, x),) = feed.items()
+    mod = tvm_nested.from_onnx(nested_model)
     t0 = time.perf_counter()
-    lib = tvm_nested.build(tvm_nested.from_onnx(nested_model), "llvm")
-    build_s = time.perf_counter() - t0
+    libs = {"untuned": tvm_nested.build(mod, "llvm")}
+    meta["build_s"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
-        so = lib.export_library(os.path.join(tmp, "model.so"))
-        so_bytes = os.path.getsize(so)
-        rt = tvm_nested.load(so)
-        # numerics: level 0 against onnxruntime on the nested model (the masked-dense oracle)
-        ref = ort_run(nested_model, [x], level=0)[0]
-        got = rt.run(x, level=0)[0]
-        err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
-        layers = _conv_gemm_layers(dense_model)
-        rows = []
-        for threads in args.threads:
-            tvm_nested.set_num_threads(threads)
-            so_opts = ort.SessionOptions()
-            so_opts.intra_op_num_threads = threads
-            so_opts.inter_op_num_threads = 1
-            sess = ort.InferenceSession(dense_model.SerializeToString(), so_opts, providers=["CPUExecutionProvider"])
-            ort_ms = _time_torch(lambda: sess.run(None, feed), min_s=0.2, repeat=5)
-            torch_ms = _torch_layers_ms(layers, threads)
+        log = args.tuning_log or os.path.join(tmp, "log")
+        if args.tune:
+            t0 = time.perf_counter()
+            tvm_nested.tune(mod, "llvm", log, max_trials=args.tune, progress=False)
+            meta["tune_s"] = time.perf_counter() - t0
+            meta["tune_trials"] = args.tune
+        if args.tune or args.tuning_log:
+            libs["tuned"] = tvm_nested.build(mod, "llvm", tuning_log=log)
+        lib = libs["untuned"]
+        meta.update(
+            so_bytes=os.path.getsize(lib.export_library(os.path.join(tmp, "model.so"))),
+            payload_bytes=lib.payload_bytes,
+            csr_bytes=lib.csr_bytes,
+            dense_bytes=lib.dense_bytes,
+            onnx_dense_bytes=dense_model.ByteSize(),
+        )
+    rts = {name: lb.runtime() for name, lb in libs.items()}
+    # numerics: every level of every build against onnxruntime on the nested model (masked dense)
+    errs = {}
+    for name, rt in rts.items():
+        for lvl in range(lib.num_levels):
+            ref = ort_run(nested_model, [x], level=lvl)[0]
+            got = rt.run(x, level=lvl)[0]
+            errs[f"{name} L{lvl}"] = float(np.abs(got - ref).max() / max(1e-12, np.abs(ref).max()))
+    meta["max_rel_err_vs_ort"] = max(errs.values())
+
+    rows = []
+    for threads in args.threads:
+        tvm_nested.set_num_threads(threads)
+        sess = ort_session(dense_model, threads=threads)
+        fns = {"ort_dense": lambda sess=sess: sess.run(None, feed)}
+        for name, rt in rts.items():
             for lvl in range(lib.num_levels):
-                ms = rt.time(x, level=lvl, number=2, repeat=5)
-                rows.append(
-                    {
-                        "threads": threads,
-                        "level": lvl,
-                        "density": lib.densities[lvl],
-                        "nested_ms": ms,
-                        "ort_dense_ms": ort_ms,
-                        "torch_dense_layers_ms": torch_ms,
-                    }
-                )
-                print(
-                    f"  t={threads} L{lvl} density={lib.densities[lvl]:.3f} nested={ms:.1f} ms "
-                    f"ort_dense={ort_ms:.1f} ms torch_dense(conv/gemm only)={torch_ms:.1f} ms",
-                    flush=True,
-                )
-    meta = {
-        "cpu": cpu_model(),
-        "model": args.model,
-        "dtype": "float32",
-        "batch": 1,
-        "threads": args.threads,
-        "load_start": load_start,
-        "load_end": os.getloadavg()[0],
-        "build_s": build_s,
-        "so_bytes": so_bytes,
-        "payload_bytes": lib.payload_bytes,
-        "csr_bytes": lib.csr_bytes,
-        "dense_bytes": lib.dense_bytes,
-        "onnx_dense_bytes": dense_model.ByteSize(),
-        "level0_rel_err_vs_ort": err,
-        "tvm": tvm.__version__,
-        "tuned": "no (default schedules)",
-    }
+                fns[f"{name} L{lvl}"] = _call(rt, rt.arguments([x], lvl))
+        ms = _interleaved(fns, args.rounds)
+        for lvl in range(lib.num_levels):
+            row = {"threads": threads, "level": lvl, "density": lib.densities[lvl], "ort_dense_ms": ms["ort_dense"]}
+            for name in rts:
+                row[f"{name}_ms"] = ms[f"{name} L{lvl}"]
+            rows.append(row)
+            print(
+                f"  t={threads} L{lvl} density={row['density']:.3f} ort_dense={row['ort_dense_ms']:.2f} ms "
+                + " ".join(f"{n}={row[f'{n}_ms']:.2f} ms ({row['ort_dense_ms'] / row[f'{n}_ms']:.2f}x)" for n in rts),
+                flush=True,
+            )
+
+    # where the time goes, 1 thread, the best build
+    best = "tuned" if "tuned" in rts else "untuned"
+    tvm_nested.set_num_threads(1)
+    profiles = [profile(rts[best], [x], lvl, repeat=5) for lvl in range(lib.num_levels)]
+    groups = [_shape_groups(p, libs[best].info["layers"]) for p in profiles]
+    meta["load_end"] = os.getloadavg()[0]
+    _write(meta, rows, list(rts), best, profiles, groups)
+
+
+def _write(meta, rows, builds, best, profiles, groups) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / "models.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "rows": rows,
+                "profile": [{"level": p.level, "total_ms": p.total_ms, "groups": g} for p, g in zip(profiles, groups)],
+            },
+            indent=1,
+        )
+    )
+    tuned = (
+        f"tuned: {meta['tune_trials']} trials per function, {meta['tune_s']:.0f} s"
+        if "tune_s" in meta
+        else ("tuned: from an existing log" if "tuned" in builds else "untuned only")
+    )
     md = [
-        f"# {args.model}: nested (one module, every level) vs dense peers",
+        f"# {meta['model']}: nested (one module, every level) vs onnxruntime dense",
         "",
-        f"CPU {meta['cpu']}, float32, batch 1, untuned default schedules. Load average "
-        f"{load_start:.2f} at start, {meta['load_end']:.2f} at end (2-core machine, shared).",
+        f"CPU {meta['cpu']}, **{meta['isa']}** (llvm -mcpu={meta['mcpu']}); float32, batch 1; "
+        f"median of {meta['rounds']} interleaved rounds; load average {meta['load_start']:.2f} at start, "
+        f"{meta['load_end']:.2f} at end (2-core machine, shared). TVM {meta['tvm']}; {tuned}.",
         "",
-        f"Module: exported .so {so_bytes / 2**20:.1f} MiB; nested payload "
-        f"{lib.payload_bytes / 2**20:.1f} MiB (plain CSR of level 0: {lib.csr_bytes / 2**20:.1f} MiB, "
-        f"dense weights {lib.dense_bytes / 2**20:.1f} MiB; dense ONNX {meta['onnx_dense_bytes'] / 2**20:.1f} MiB). "
-        f"Build {build_s:.0f} s. Level 0 vs onnxruntime (nested model): max rel. error {err:.1e}.",
+        f"Module: exported .so {meta['so_bytes'] / 2**20:.1f} MiB; nested payload {meta['payload_bytes'] / 2**20:.1f} "
+        f"MiB (plain CSR of level 0: {meta['csr_bytes'] / 2**20:.1f} MiB, dense weights "
+        f"{meta['dense_bytes'] / 2**20:.1f} MiB; dense ONNX {meta['onnx_dense_bytes'] / 2**20:.1f} MiB). "
+        f"Every level of every build vs onnxruntime on the nested model: max rel. error "
+        f"{meta['max_rel_err_vs_ort']:.1e}.",
         "",
-        "torch_dense runs only the conv/gemm layers (no BN/pool/ReLU/add): a lower bound.",
+        "The last level (0.1 % density) leaves almost no sparse work: it is the module's cost outside the sparse FMAs.",
         "",
-        "| threads | level | density | nested ms | ort dense ms | torch dense (conv/gemm) ms | nested / ort |",
-        "|---|---|---|---|---|---|---|",
+        "| threads | level | density | ort dense ms | " + " | ".join(f"{b} ms | {b} speedup" for b in builds) + " |",
+        "|---|---|---|---|" + "---|---|" * len(builds),
     ]
     for r in rows:
         md.append(
-            f"| {r['threads']} | {r['level']} | {r['density']:.3f} | {r['nested_ms']:.1f} | "
-            f"{r['ort_dense_ms']:.1f} | {r['torch_dense_layers_ms']:.1f} | "
-            f"{r['nested_ms'] / r['ort_dense_ms']:.2f} |"
+            f"| {r['threads']} | {r['level']} | {r['density']:.3f} | {r['ort_dense_ms']:.2f} | "
+            + " | ".join(f"{r[f'{b}_ms']:.2f} | {r['ort_dense_ms'] / r[f'{b}_ms']:.2f}x" for b in builds)
+            + " |"
         )
+    keys = sorted({k for g in groups for k in g}, key=lambda k: -max(g.get(k, (0, 0))[1] for g in groups))
+    md += [
+        "",
+        f"## Where the time goes ({best} build, 1 thread, ms per call; tvm_nested.runtime.profile)",
+        "",
+        "| layer shape (rows x cols) | calls | " + " | ".join(f"L{p.level}" for p in profiles) + " |",
+        "|---|---|" + "---|" * len(profiles),
+        "| **total** (uninstrumented) | | " + " | ".join(f"**{p.total_ms:.2f}**" for p in profiles) + " |",
+    ]
+    for k in keys:
+        calls = max(g.get(k, (0, 0))[0] for g in groups)
+        md.append(f"| {k} | {calls} | " + " | ".join(f"{g.get(k, (0, 0.0))[1]:.3f}" for g in groups) + " |")
     (RESULTS / "models.md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for threads in args.threads:
-            sel = [r for r in rows if r["threads"] == threads]
-            d = [r["density"] * 100 for r in sel]
-            ax.plot(d, [r["nested_ms"] for r in sel], marker="o", label=f"nested, {threads}T")
-            ax.axhline(
-                sel[0]["ort_dense_ms"], linestyle="--", label=f"ort dense, {threads}T", color=ax.lines[-1].get_color()
-            )
-            ax.axhline(
-                sel[0]["torch_dense_layers_ms"],
-                linestyle=":",
-                label=f"torch conv/gemm, {threads}T",
-                color=ax.lines[-1].get_color(),
-            )
-        ax.set_xlabel("density %")
-        ax.set_ylabel("ms (batch 1)")
-        ax.set_title(f"{args.model} nested vs dense")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(RESULTS / "models.png", dpi=90)
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for threads in meta["threads"]:
+        sel = [r for r in rows if r["threads"] == threads]
+        d = [r["density"] * 100 for r in sel]
+        for b in builds:
+            ax.plot(d, [r[f"{b}_ms"] for r in sel], marker="o", label=f"nested {b}, {threads}T")
+        color = ax.lines[-1].get_color()
+        ax.axhline(sel[0]["ort_dense_ms"], linestyle="--", color=color, label=f"ort dense, {threads}T")
+    ax.set_xscale("log")
+    ax.set_xlabel("density % (log)")
+    ax.set_ylabel("ms (batch 1)")
+    ax.set_title(f"{meta['model']}, {meta['isa']}")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "models.png", dpi=90)
     print(f"wrote {RESULTS}/models.md/.json/.png")
 
 
