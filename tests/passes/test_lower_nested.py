@@ -147,6 +147,7 @@ def test_tiny_linear_packed_by_hand():
 # -------------------------------------------------------------------------- conv: mask spellings
 # The spellings the Relax frontends produce for W * (LM >= level) (DESIGN section 2), one module each.
 
+
 @I.ir_module
 class ConvMulWMask:
     @R.function

@@ -42,7 +42,11 @@ class ThreeInputsBefore:
     def main(a: R.Tensor((2, 3), "float32"), b: R.Tensor((2, 3), "float32"), c: R.Tensor((2, 3), "float32")):
         with R.dataflow():
             s = R.stack(
-                (R.broadcast_to(a, R.shape([2, 3])), R.broadcast_to(b, R.shape([2, 3])), R.broadcast_to(c, R.shape([2, 3]))),
+                (
+                    R.broadcast_to(a, R.shape([2, 3])),
+                    R.broadcast_to(b, R.shape([2, 3])),
+                    R.broadcast_to(c, R.shape([2, 3])),
+                ),
                 axis=0,
             )
             out = R.sum(s, axis=[0])
