@@ -76,9 +76,12 @@ def bind(mod: tvm.IRModule, func: str = "main", **arrays) -> tvm.IRModule:
     return relax.transform.BindParams(func, arrays)(mod)
 
 
-def _buffers(func: tvm.tirx.PrimFunc) -> list[tuple[tuple[int, ...], str]]:
-    """(shape, dtype) of each parameter (0.27: a param is a Var whose type is its buffer's)."""
-    return [(tuple(int(s) for s in p.ty.shape), str(p.ty.dtype)) for p in func.params]
+def _signature(func: tvm.tirx.PrimFunc) -> list[tuple[tuple[int, ...] | None, str]]:
+    """(shape, dtype) of each parameter; shape None for a scalar (0.27: a buffer parameter is a Var
+    whose type is the buffer's)."""
+    return [
+        (tuple(int(s) for s in p.ty.shape) if hasattr(p.ty, "shape") else None, str(p.ty.dtype)) for p in func.params
+    ]
 
 
 def with_kernels(mod: tvm.IRModule, **kernels: tvm.tirx.PrimFunc) -> tvm.IRModule:
@@ -93,7 +96,7 @@ def with_kernels(mod: tvm.IRModule, **kernels: tvm.tirx.PrimFunc) -> tvm.IRModul
     for name, func in kernels.items():
         gv = out.get_global_var(name)
         stub = out[gv]
-        assert _buffers(stub) == _buffers(func), f"stub {name}: {_buffers(stub)} != kernel {_buffers(func)}"
+        assert _signature(stub) == _signature(func), f"stub {name}: {_signature(stub)} != {_signature(func)}"
         out[gv] = func.with_attr("global_symbol", name)
     return out
 
