@@ -91,9 +91,11 @@ def test_project_modules_are_imported_at_the_top():
 
 @pytest.mark.parametrize("module", ["tvm_nested", "tvm_nested.cli"])
 def test_importing_changes_no_environment_variable(module):
+    """Set, changed or removed: the diff of the whole environment, [before, after] per variable."""
     code = (
-        f"import json, os; before = dict(os.environ); import {module}; "
-        "print(json.dumps({k: v for k, v in os.environ.items() if before.get(k) != v}))"
+        f"import json, os; before = dict(os.environ); import {module}; after = dict(os.environ); "
+        "print(json.dumps({k: [before.get(k), after.get(k)] for k in before.keys() | after.keys() "
+        "if before.get(k) != after.get(k)}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],

@@ -131,7 +131,7 @@ def test_log_without_records_changes_nothing(tmp_path):
 
 def test_log_for_another_target_is_refused(relu_log):
     host = parse_target("llvm -mtriple=x86_64-linux-gnu")
-    with pytest.raises(LOG_ERROR, match="was made for target .*aarch64.*, not .*x86_64"):
+    with pytest.raises(LOG_ERROR, match=r"was made for target .*aarch64.*, not .*x86_64"):
         ApplyTuningLog(host, relu_log)(_before())
 
 
