@@ -53,7 +53,8 @@ def guard_function(func: relax.Function, num_levels: int) -> relax.Function:
     )
     body = func.body
     new_body = relax.SeqExpr([guard, *body.blocks], body.body)
-    return relax.Function(func.params, new_body, func.ret_ty, func.is_pure, func.attrs, func.span)
+    # impure: the assert may raise (a function annotated pure may not hold an impure call)
+    return relax.Function(func.params, new_body, func.ret_ty, False, func.attrs, func.span)
 
 
 def LevelGuard(num_levels: int | None = None) -> tvm.transform.Pass:

@@ -29,8 +29,9 @@ def _main_inputs(mod: tvm.IRModule) -> list[dict]:
     out = []
     for p in mod["main"].params:
         if any(not isinstance(d, tvm.tirx.IntImm) for d in p.ty.shape):
+            dims = ", ".join(str(int(d)) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in p.ty.shape)
             raise ValueError(
-                f"input {p.name!r} has a dynamic shape {list(p.ty.shape)}: tvm_nested compiles static "
+                f"input {p.name!r} has a dynamic shape [{dims}]: tvm_nested compiles static "
                 "shapes (give them to the frontend, e.g. from_onnx(..., shape_dict=...))"
             )
         out.append({"name": p.name, "shape": [int(s) for s in p.ty.shape], "dtype": dtype_of(p)})

@@ -38,7 +38,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..contract import LEVEL, STAGE_PREFIX, STAGES_ATTR
+from ..contract import ATTR_OP, LEVEL, STAGE_PREFIX, STAGES_ATTR
 
 
 def read_stage_plan(mod: tvm.IRModule) -> dict | None:
@@ -103,13 +103,14 @@ def _dense_macs(value, out_ty) -> int:
 def _nested_macs(mod, value, out_ty) -> int | None:
     """Multiply-accumulates of a nested kernel call at level 0 (None when it is not one).
 
-    Operands follow INTERNALS.md: ``x, values, col, row_ptr, level_len[L, rows], ...``.
+    Operands follow every nested kernel's signature (``schedules/tir.py``): ``x, values, col,
+    row_ptr, level_len[L, rows], ...``.
     """
     if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op) or value.op.name != "relax.call_tir":
         return None
     callee = value.args[0]
     func = mod[callee] if isinstance(callee, tvm.ir.GlobalVar) else None
-    if func is None or func.attrs is None or "nested.op" not in func.attrs:
+    if func is None or func.attrs is None or ATTR_OP not in func.attrs:
         return None
     operands = list(value.args[1].fields)
     level_len = operands[4] if len(operands) > 4 else None

@@ -1,9 +1,10 @@
 """CUDA schedule rule for the nested kernels (NVIDIA GPUs), same one-module design as the CPU rule.
 
-``schedule_cuda(func, target)`` schedules a kernel made by ``schedules/kernels.py`` (found by its
-``nested.*`` attrs; the compute definition is not changed) and returns None for anything else. The
-level stays a run-time input: every thread reads ``level_len[level, row]`` inside the kernel, so
-one launch configuration serves every level and a sparser level only runs shorter loops.
+``schedule_cuda(func, target)`` schedules a kernel made by ``schedules/kernel.py`` (the "rows" form,
+found by its ``nested.*`` attrs; the compute definition is not changed) and returns None for
+anything else. The level stays a run-time input: every thread reads ``level_len[level, row]``
+inside the kernel, so one launch configuration serves every level and a sparser level only runs
+shorter loops.
 
 Linear (``"row"`` = one output feature ``m``): **a warp per output row.**
   The row loop is split into ``blockIdx.x`` x ``threadIdx.y`` (``rows_per_block`` rows per block);

@@ -1,11 +1,13 @@
 """The architecture's rules, checked: one-way imports, no private names across modules, no
-function-local imports of the project's own modules, an import that changes nothing."""
+function-local imports of the project's own modules, an import that changes nothing, docs that
+name only files that exist."""
 
 from __future__ import annotations
 
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,9 +93,11 @@ def test_project_modules_are_imported_at_the_top():
 
 @pytest.mark.parametrize("module", ["tvm_nested", "tvm_nested.cli"])
 def test_importing_changes_no_environment_variable(module):
+    """Set, changed or removed: the diff of the whole environment, [before, after] per variable."""
     code = (
-        f"import json, os; before = dict(os.environ); import {module}; "
-        "print(json.dumps({k: v for k, v in os.environ.items() if before.get(k) != v}))"
+        f"import json, os; before = dict(os.environ); import {module}; after = dict(os.environ); "
+        "print(json.dumps({k: [before.get(k), after.get(k)] for k in before.keys() | after.keys() "
+        "if before.get(k) != after.get(k)}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -104,3 +108,23 @@ def test_importing_changes_no_environment_variable(module):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {}
+
+
+SOURCE_DIRS = ("tvm_nested", "relay_passes", "schedules", "tests", "bench", "examples", ".ci")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "INTERNALS.md"])
+def test_files_the_docs_name_exist(doc):
+    """Every repository path a doc names (``schedules/format.py``, ``bench/results/*.md``) and every
+    module it names by file (``sum_to_add.py``) exists: a doc naming a deleted file misleads."""
+    missing = []
+    for name in sorted(set(re.findall(r"[\w./*-]+\.(?:py|md|toml|json|png)\b", (REPO / doc).read_text()))):
+        if name.split("/")[0] in SOURCE_DIRS:
+            found = any(REPO.glob(name))
+        elif "/" not in name and name.endswith(".py"):
+            found = any(any((REPO / d).rglob(name)) for d in SOURCE_DIRS)
+        else:
+            continue  # not a repository path: a log's files, a user's model, the shared design
+        if not found:
+            missing.append(name)
+    assert not missing, f"{doc} names files that do not exist: {missing}"

@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from ir_checks import run_pipeline
 from torch import nn
 
 import tvm_nested
 from tvm_nested import reroute
 from tvm_nested.authoring import nn as tnn
 from tvm_nested.contract import DEADLINE_FUNC
-from tvm_nested.relay_passes.stages import SplitStages, read_stage_plan
 from tvm_nested.schedules import reroute_rule
 
 DENSITIES = (0.5, 0.2, 0.1)
@@ -270,22 +268,6 @@ def test_stages_share_weights_in_the_exported_library(staged, tmp_path):
     extra = os.path.getsize(a) - os.path.getsize(b)
     # stage functions + their fused glue kernels cost code, never a second copy of the packed weights
     assert extra < 0.5 * lib.payload_bytes + 64 * 1024, (extra, lib.payload_bytes)
-
-
-def test_explicit_cuts_and_errors():
-    x = _inputs("mlp")
-    mod, _ = _nested(MLP, x)
-    lowered = run_pipeline(mod)
-    two = read_stage_plan(SplitStages(None, cuts=[1])(lowered))
-    assert two["num_stages"] == 2
-    assert SplitStages(10)(lowered).attrs is not None  # more stages than layers: capped
-    assert read_stage_plan(SplitStages(10)(lowered))["num_stages"] == 4  # 4 nested layers -> at most 4 stages
-    with pytest.raises(ValueError, match=r"nested layers 0\.\.3"):
-        SplitStages(None, cuts=[7])(lowered)
-    with pytest.raises(ValueError, match="increasing order"):
-        SplitStages(None, cuts=[2, 1])(lowered)
-    with pytest.raises(ValueError, match="no binding named"):
-        SplitStages(None, cuts=["nope"])(lowered)
 
 
 # ------------------------------------------------------------------------------------- main_deadline

@@ -8,7 +8,8 @@ same for every build):
 1. ``graph``: nested layers found and lowered to ``call_tir`` of packed kernels, ``main`` guarded;
 2. ``stages``: ``main`` split into stage functions (``stages=``), for rerouting;
 3. ``reroute``: ``main_deadline`` with the latency table compiled in (``latency_table=``);
-4. ``kernels``: each nested kernel specialised for the target (and its dense levels from the log);
+4. ``kernels``: each nested kernel in the form its target runs (CPU: packed for its knobs, from the
+   tuning log's knob table or the target family's defaults);
 5. ``legalize``: TVM's library dispatch and legalization (Relax ops -> fused PrimFuncs);
 6. ``schedule``: the tuning log's records, then the target's rules, then a report of the rest;
 7. ``metadata``: ``nested_info()``, the artifact's description of itself;
