@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 DENSITIES = (0.5, 0.2, 0.1, 0.05)
-SWEEP = (0.0, 0.1, 0.2, 0.4)  # aggressiveness of the evidence rule
+SWEEP = (0.0, 0.2, 0.4, 0.8)  # aggressiveness of the evidence rule
 GOAL_NINES, GOAL_DENSE = 1.0, 0.70
 
 
@@ -250,7 +250,7 @@ def _serve(rt, inputs, session_s: float, cal_s: float, seed: int):
 
 def _nines(met, n):
     miss = 1 - met
-    return math.log10(max(n, 1)) if miss <= 0 else -math.log10(miss)
+    return math.log10(max(n, 1)) if miss <= 0 else max(0.0, -math.log10(miss))
 
 
 def _summary(d, deadline, L, table, labels=None):
@@ -271,8 +271,11 @@ def _summary(d, deadline, L, table, labels=None):
         # the table's prediction for the levels each request ran, against its latency
         "predicted_ms_p50": float(np.median(table[np.arange(lv.shape[1]), lv].sum(axis=1))) / 1e3,
     }
-    if labels is not None:
-        out["accuracy"] = float(np.mean(np.asarray(d["pred"]) == labels[np.asarray(d["input"])]))
+    if labels is not None:  # every held-out image weighs alike, however often it was served
+        idx = np.asarray(d["input"])
+        right = np.asarray(d["pred"]) == labels[idx]
+        out["accuracy"] = float(np.mean([right[idx == i].mean() for i in np.unique(idx)]))
+        out["images"] = int(np.unique(idx).size)
     return out
 
 
@@ -316,10 +319,10 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--workloads", default="resnet50,lstm,digits")
-    ap.add_argument("--resnet-s", type=float, default=150.0, help="seconds of serving per ResNet-50 session")
-    ap.add_argument("--lstm-s", type=float, default=100.0, help="seconds of serving per LSTM session")
+    ap.add_argument("--resnet-s", type=float, default=130.0, help="seconds of serving per ResNet-50 session")
+    ap.add_argument("--lstm-s", type=float, default=90.0, help="seconds of serving per LSTM session")
     ap.add_argument("--digits-s", type=float, default=20.0, help="seconds of serving per digits session (1 thread)")
-    ap.add_argument("--calibration-s", type=float, default=8.0, help="seconds of densest calls that set D (p90)")
+    ap.add_argument("--calibration-s", type=float, default=15.0, help="seconds of densest calls that set D (p90)")
     ap.add_argument("--competitors", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="1 run, 1 thread, 20 s sessions (smoke run)")
@@ -415,7 +418,7 @@ def _print_session(s):
 
 
 def _goal(summary, default):
-    """Whether the evidence rule at ``default`` meets the goal against static densest in one session."""
+    """Whether the evidence rule at ``default`` meets the goal against static densest in ``summary``."""
     base, ev = summary["static L0"], summary[f"evidence a={default:g}"]
     gain = ev["nines"] - base["nines"]
     return {
@@ -425,8 +428,52 @@ def _goal(summary, default):
     }
 
 
+def _pooled(summaries):
+    """One summary from several sessions' summaries of the same policy (counts added, shares weighted)."""
+    n = sum(v["requests"] for v in summaries)
+    misses = sum(v["misses"] for v in summaries)
+    met = 1 - misses / max(n, 1)
+    share = np.sum([np.asarray(v["level_share"]) * v["requests"] for v in summaries], axis=0) / max(n, 1)
+    return {
+        "requests": n,
+        "misses": misses,
+        "met": met,
+        "nines": _nines(met, n),
+        "no_miss": misses == 0,
+        "level_share": share.tolist(),
+    }
+
+
+def _pooled_p50(runs, name):
+    return float(np.median([v for s in runs for v in s["latencies_ms"][name]]))
+
+
+def _bounds(session, default):
+    """What limits the gain in one session, from its measurements (see the results file)."""
+    summ = session["summary"]
+    L = len(summ["static L0"]["level_share"])
+    ev = f"evidence a={default:g}"
+    misses = session["misses"].get(ev, [])
+    return {
+        "headroom_nines": summ[f"static L{L - 1}"]["nines"] - summ["static L0"]["nines"],
+        "sparsest_no_miss": summ[f"static L{L - 1}"]["no_miss"],
+        "misses": len(misses),
+        "miss_slowdown_p50": float(np.median([m["slowdown"] for m in misses])) if misses else None,
+        "miss_sparsest_share_p50": float(np.median([m["sparsest_share"] for m in misses])) if misses else None,
+        "miss_worst_stage_p50": float(np.median([m["worst_stage_slowdown"] for m in misses])) if misses else None,
+    }
+
+
 def _fmt_nines(v):
     return f"≥ {v['nines']:.2f}" if v["no_miss"] else f"{v['nines']:.2f}"
+
+
+def _ms(v):
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 0.1 else f"{v:.3f}"
+
+
+def _per_run(vals, fmt):
+    return " / ".join(fmt(v) for v in vals)
 
 
 def markdown(report) -> str:
@@ -445,10 +492,11 @@ def markdown(report) -> str:
         "serving. Policies take turns request by request (shuffled each round); each rerouting policy keeps "
         "its own state on the device. Latency: one runtime call, inputs on the device. Levels: densities "
         f"{report['densities']}. Nines: -log10(miss rate); '≥' = no miss (log10 of the requests). "
-        f"Share L0..L3: the share of stage executions at each level. Total wall time {report['wall_s']:.0f} s.",
+        "Share L0..L3: the share of stage executions at each level. Two runs: values given as run 1 / run 2; "
+        f"'pooled' counts both. Total wall time {report['wall_s']:.0f} s.",
         "",
-        f"Goal (issue 12): evidence rule (default aggressiveness {default:g}) >= {GOAL_NINES:g} nine above static "
-        f"densest, >= {GOAL_DENSE:.0%} of stage executions at level 0, never below static densest.",
+        f"Goal (issue 12): the evidence rule (default aggressiveness {default:g}) >= {GOAL_NINES:g} nine above "
+        f"static densest, >= {GOAL_DENSE:.0%} of stage executions at level 0, never below static densest.",
         "",
     ]
     for key, w in report["workloads"].items():
@@ -456,48 +504,97 @@ def markdown(report) -> str:
         lines += [f"## {w['name']}", ""]
         if w.get("auto"):
             au = w["auto"]
-            lines += [
-                f'Stages: {w["stages"]} (stages="auto": {au["candidates"]} narrow points, one decision measured at '
-                f"{au['decision_us']:.1f} us, merged until it costs <= {au['max_share']:.0%} of a densest stage). "
-                f"Build + profile {w['build_and_profile_s']:.0f} s.",
-                "",
-            ]
+            lines.append(
+                f'Stages: {w["stages"]} (stages="auto": {au["candidates"]} narrow points, one decision measured '
+                f"at {au['decision_us']:.1f} us, merged until it costs <= {au['max_share']:.0%} of a densest stage). "
+                f"Build + profiles {w['build_and_profile_s']:.0f} s."
+            )
         else:
-            lines += [f"Stages: {w['stages']} (one per layer). Build + profile {w['build_and_profile_s']:.0f} s.", ""]
+            lines.append(f"Stages: {w['stages']} (one per layer). Build + profile {w['build_and_profile_s']:.0f} s.")
+        if w.get("torch_accuracy"):
+            lines.append(
+                "PyTorch accuracy per level (held-out): " + ", ".join(f"{a:.4f}" for a in w["torch_accuracy"]) + "."
+            )
+        lines.append("")
         for t, tab in w["tables_us"].items():
             arr = np.asarray(tab)
             lines.append(
-                f"* {t} thread(s): table sum per level (ms) {', '.join(f'{v / 1e3:.2f}' for v in arr.sum(axis=0))}; "
-                f"densest stage {arr[:, 0].max() / 1e3:.2f} ms, first stage {arr[0, 0] / 1e3:.2f} ms; "
-                f"per-call overhead beyond the table {w['overhead_us'][t]:.0f} us"
+                f"* {t} thread(s): latency table sum per level (ms) "
+                f"{', '.join(f'{v / 1e3:.2f}' for v in arr.sum(axis=0))}; stages at level 0: "
+                f"{arr[:, 0].min() / 1e3:.2f}-{arr[:, 0].max() / 1e3:.2f} ms (the first, decided before any "
+                f"evidence of this request: {arr[0, 0] / arr[:, 0].sum():.0%} of it); per-call overhead beyond "
+                f"the table {w['overhead_us'][t]:.0f} us"
             )
         lines.append("")
-        for s in sessions:
-            head = (
-                f"### {s['threads']} thread(s), run {s['run']}: D = {s['deadline_ms']:.2f} ms "
-                f"(load average before {s['load_average_before'][0]:.2f})"
-            )
-            acc = "accuracy" in next(iter(s["summary"].values()))
+        for t in sorted({s["threads"] for s in sessions}):
+            runs = sorted([s for s in sessions if s["threads"] == t], key=lambda s: s["run"])
+            names = list(runs[0]["summary"])
+            acc = "accuracy" in runs[0]["summary"][names[0]]
+            deadlines = _per_run(runs, lambda s: f"{s['deadline_ms']:.2f}")
+            loads = _per_run(runs, lambda s: f"{s['load_average_before'][0]:.2f}")
             lines += [
-                head,
+                f"### {t} thread(s): D = {deadlines} ms (load average before: {loads})",
                 "",
-                "| policy | requests | met D | nines | p50 ms | p99 ms | share L0..L3 | all stages L0 |"
+                "| policy | requests | met D | nines | pooled nines | p50 ms | p99 ms | share L0..L3 (pooled) |"
                 + (" accuracy |" if acc else ""),
-                "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |" + (" ---: |" if acc else ""),
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |" + (" ---: |" if acc else ""),
             ]
-            for name, v in s["summary"].items():
-                mix = " / ".join(f"{x:.2f}" for x in v["level_share"])
-                lines.append(
-                    f"| {name} | {v['requests']} | {v['met']:.4f} | {_fmt_nines(v)} | {v['p50_ms']:.2f} | "
-                    f"{v['p99_ms']:.2f} | {mix} | {v['all_densest']:.2f} |" + (f" {v['accuracy']:.4f} |" if acc else "")
-                )
-            if key != "digits":
-                g = _goal(s["summary"], default)
-                lines += [
-                    "",
-                    f"Goal: {'MET' if g['met'] else 'not met'} (nines gain {g['nines_gain']:+.2f}, "
-                    f"L0 share {g['dense_share']:.2f}).",
+            for name in names:
+                vs = [s["summary"][name] for s in runs]
+                pooled = _pooled(vs)
+                cells = [
+                    name,
+                    _per_run(vs, lambda v: str(v["requests"])),
+                    _per_run(vs, lambda v: f"{v['met']:.4f}"),
+                    _per_run(vs, _fmt_nines),
+                    _fmt_nines(pooled),
+                    _per_run(vs, lambda v: _ms(v["p50_ms"])),
+                    _per_run(vs, lambda v: _ms(v["p99_ms"])),
+                    " / ".join(f"{x:.2f}" for x in pooled["level_share"]),
                 ]
+                if acc:
+                    cells.append(_per_run(vs, lambda v: f"{v['accuracy']:.4f}"))
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+            if key == "digits":
+                paper, static = _pooled_p50(runs, "paper"), _pooled_p50(runs, "static L0")
+                lines += [
+                    f"Its requests take ~{static:.2f} ms: main_deadline's fixed cost (its decisions, the start and "
+                    f"finish of the rule, the runtime's wrapper; p50 {paper:.2f} ms at nearly all level 0) is as "
+                    'large as the slack under D, so rerouted requests miss at this scale (stages="auto" would '
+                    "keep one stage). What this workload shows is the accuracy of the outputs each policy "
+                    "produced: every level of this model is within half a point of the others.",
+                    "",
+                ]
+                continue
+            goals = [_goal(s["summary"], default) for s in runs]
+            pooled_summary = {
+                n: _pooled([s["summary"][n] for s in runs]) for n in ("static L0", f"evidence a={default:g}")
+            }
+            gp = _goal(pooled_summary, default)
+            lines.append(
+                "Goal: "
+                + "; ".join(
+                    f"run {s['run']} {'MET' if g['met'] else 'not met'} (gain {g['nines_gain']:+.2f} nines, "
+                    f"L0 share {g['dense_share']:.2f})"
+                    for s, g in zip(runs, goals)
+                )
+                + f"; pooled {'MET' if gp['met'] else 'not met'} (gain {gp['nines_gain']:+.2f} nines)."
+            )
+            for s in runs:
+                b = _bounds(s, default)
+                text = (
+                    f"Run {s['run']}: static sparsest is {b['headroom_nines']:+.2f} nines from static densest"
+                    + (" (no miss)" if b["sparsest_no_miss"] else "")
+                    + f"; the evidence rule missed {b['misses']}"
+                )
+                if b["misses"]:
+                    text += (
+                        f" (median over them: {b['miss_slowdown_p50']:.1f}x the table's time for the levels run, "
+                        f"{b['miss_sparsest_share_p50']:.0%} of their stages at the sparsest level, worst stage "
+                        f"{b['miss_worst_stage_p50']:.1f}x its table time)"
+                    )
+                lines.append(f"* {text}.")
             lines.append("")
     lines += ["![QoS against the share of stages at level 0](qos.png)", ""]
     return "\n".join(lines)
@@ -540,8 +637,16 @@ def plot(report, path):
                 ax.annotate(
                     f"L{lvl}", (v["level_share"][0], v["nines"]), fontsize=6, xytext=(3, -8), textcoords="offset points"
                 )
+        runs = [s for s in report["sessions"] if s["workload"] == key and s["threads"] == t]
+        goal = np.mean([s["summary"]["static L0"]["nines"] for s in runs]) + GOAL_NINES
+        ax.axhline(goal, color="C2", ls="--", lw=0.8, label="static densest + 1 nine (mean of runs)")
+        ax.axvline(GOAL_DENSE, color="C2", ls=":", lw=0.8)
+        for s in runs:  # no miss: the point is a lower bound (log10 of the requests)
+            for v in s["summary"].values():
+                if v["no_miss"]:
+                    ax.plot([v["level_share"][0]], [v["nines"] + 0.04], "^", color="0.2", ms=3)
         ax.set_xlabel("share of stage executions at level 0")
-        ax.set_ylabel("nines of requests meeting D")
+        ax.set_ylabel("nines of requests meeting D (^: no miss, a lower bound)")
         ax.set_title(f"{report['workloads'][key]['name']}, {t} thread(s)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)

@@ -42,7 +42,7 @@ CLOCK_MONOTONIC = 1  # <time.h> on Linux, every architecture
 PAPER, EVIDENCE = (REROUTE_POLICIES.index(p) for p in ("paper", "evidence"))
 DEFAULT_POLICY = "evidence"
 # the evidence rule's margin when a build names none: chosen from bench/qos.py's sweep
-DEFAULT_AGGRESSIVENESS = 0.2
+DEFAULT_AGGRESSIVENESS = 0.4
 STATE_SIZE, ACC_SIZE = 2, 3
 # tau: a tenth of the densest request's profiled time. A 2x slowdown that starts with a request is
 # believed at ~1.8x after a fifth of it; one preempted stage moves f by its share of tau, not to 2x.
