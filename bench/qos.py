@@ -137,8 +137,14 @@ def _prepare(key, threads_list):
         overhead = reroute.profile_overhead(
             probe.runtime(), inputs[0], calls=40 if key != "digits" else 400, table=table
         )
+        final = lib.with_latency_table(table, overhead_us=overhead)
+        rt = final.runtime()
+        for lvl in range(rt.num_levels):  # the staged path computes what main computes, at every level
+            got, levels = rt.run_deadline(inputs[0], deadline_ms=1e9, level=lvl, state=rt.new_deadline_state())
+            assert levels.tolist() == [lvl] * rt.num_stages
+            np.testing.assert_allclose(got[0], rt.run(inputs[0], level=lvl)[0], rtol=1e-4, atol=1e-4)
         per_threads[t] = {
-            "lib": lib.with_latency_table(table, overhead_us=overhead),
+            "lib": final,
             "table": table,
             "overhead": overhead,
         }
