@@ -109,12 +109,9 @@ def _add_deadline_function(
     stage_gvs = [bb.get().get_global_var(n) for n in plan["functions"]]
 
     params = [relax.Var(p.name, p.ty) for p in main.params]
-    scalar = lambda name, dt: relax.Var(name, relax.TensorType((), dt))
-    deadline, policy_v, margin = (
-        scalar("deadline_us", "float64"),
-        scalar("policy", "int32"),
-        scalar("aggressiveness", "float64"),
-    )
+    deadline = relax.Var("deadline_us", relax.TensorType((), "float64"))
+    policy_v = relax.Var("policy", relax.TensorType((), "int32"))  # an index into REROUTE_POLICIES
+    margin = relax.Var("aggressiveness", relax.TensorType((), "float64"))
     state = relax.Var("state", relax.TensorType((STATE_SIZE,), "float64"))
     env = {p.name: p for p in params}
     level = env[LEVEL]
