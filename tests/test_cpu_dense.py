@@ -87,3 +87,27 @@ def test_rule_leaves_nested_kernels_and_other_targets_alone():
     assert schedule_dense_func(func, tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) is None
     scheduled = schedule_dense_func(func, HOST)
     assert scheduled is not None and schedule_dense_func(scheduled, HOST) is None  # already scheduled
+
+
+def test_bool_blocks_build_and_match():
+    """``slice_scatter`` (torch.export's circular padding) legalizes into bool mask buffers; the
+    rule keeps their blocks scalar (TVM 0.27 cannot vectorise bool) and the module builds and runs."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 10, 10), "float32"))
+    y = relax.Var("y", relax.TensorType((1, 3, 10, 1), "float32"))
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.slice_scatter(x, y, 9, 10, 1, axis=3))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    rng = np.random.default_rng(3)
+    args = [
+        rng.standard_normal((1, 3, 10, 10)).astype(np.float32),
+        rng.standard_normal((1, 3, 10, 1)).astype(np.float32),
+    ]
+    scheduled = _legalized(mod, stop_after="schedule")
+    (func,) = [f for _, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert bool(func.attrs["tirx.is_scheduled"]) and loop_kinds(func)["vectorized"]
+    expect = args[0].copy()
+    expect[..., 9:10] = args[1]
+    np.testing.assert_array_equal(_run(scheduled, args), expect)
