@@ -11,6 +11,7 @@ from .schedule import ApplyTuningLog, ReportUnscheduled, ScheduleKernels
 from .specialize import SpecializeKernels
 from .stages import SplitStages, read_stage_plan
 from .sum_to_add import SumToAdd
+from .take_index import NormalizeTakeIndices
 
 __all__ = [
     "AddDeadlineFunction",
@@ -21,6 +22,7 @@ __all__ = [
     "LevelGuard",
     "LowerNestedLayers",
     "NestedLoweringWarning",
+    "NormalizeTakeIndices",
     "ReportUnscheduled",
     "ScheduleKernels",
     "SpecializeKernels",

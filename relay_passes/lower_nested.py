@@ -47,6 +47,22 @@ class NestedLoweringWarning(UserWarning):
     """A nested layer left dense (no kernel serves its layout / dtype)."""
 
 
+def add_kernel(bb: relax.BlockBuilder, func, name: str) -> tvm.ir.GlobalVar:
+    """Add a nested kernel under a fresh name, compiled to that symbol, never merged with another.
+
+    ``BlockBuilder.add_func`` returns the existing GlobalVar for a structurally equal function, and
+    two weights of one shape and count of non-zeros have equal kernels; but a nested kernel stands for
+    one weight (``SpecializeKernels`` re-packs the constants of a kernel's call sites for it), so
+    each weight keeps a kernel of its own.
+    """
+    taken = {gv.name_hint for gv in bb.get().get_global_vars()}
+    fresh, i = name, 0
+    while fresh in taken:
+        i += 1
+        fresh = f"{name}{i}"
+    return bb.add_func(func.with_attr("global_symbol", fresh), fresh)
+
+
 def read_nested_info(mod: tvm.IRModule) -> dict | None:
     """The ``nested.info`` record of a lowered module, or None."""
     if mod.attrs is None or INFO_ATTR not in mod.attrs:
@@ -199,9 +215,7 @@ def _lower_module(mod: tvm.IRModule) -> tvm.IRModule:
             gv = kernels.get((layer.weight_key, spec))
             if gv is None:
                 func = kernel(spec)
-                gv = lowerer.builder_.add_func(func, f"nested_{'conv2d' if layer.is_conv else 'linear'}")
-                # add_func makes the GlobalVar name unique; the symbol the kernel is compiled to must follow.
-                lowerer.builder_.update_func(gv, func.with_attr("global_symbol", gv.name_hint))
+                gv = add_kernel(lowerer.builder_, func, f"nested_{'conv2d' if layer.is_conv else 'linear'}")
                 kernels[(layer.weight_key, spec)] = gv
             weight.record["kernel"] = weight.record["kernel"] or gv.name_hint
         lowerer.plans[layer.var] = _Plan(layer, weight, gv)

@@ -10,7 +10,9 @@ them all:
 * ``LM`` may sit behind casts (``astype(LM)``), ``level`` too (``astype(level)``);
 * the layer: ``conv2d(x, W_eff)``; ``conv1d(x, W_eff)`` (lowered as a conv2d of height 1);
   ``matmul(x, permute_dims(W_eff))`` (nn.Linear, ONNX Gemm with transB=1: W is ``[rows, cols]``);
-  ``matmul(x, W_eff)`` (ONNX MatMul / Gemm transB=0: W is ``[cols, rows]``, packed transposed).
+  ``matmul(x, W_eff)`` (ONNX MatMul / Gemm transB=0: W is ``[cols, rows]``, packed transposed);
+  either with the weight broadcast over the input's batch dims (``broadcast_to``: torch.export's
+  decomposition of a linear over a non-contiguous 3-D input).
 
 One weight may feed several layers (a recurrent matrix at every time step, a shared layer): each
 call is a ``NestedLayer``, and ``weight_key`` (the weight and level-map constants, the packing)
@@ -53,7 +55,18 @@ CONV2D = is_op("relax.nn.conv2d")(_x, _masked_w)
 CONV1D = is_op("relax.nn.conv1d")(_x, _masked_w)
 LINEAR = is_op("relax.matmul")(_x, is_op("relax.permute_dims")(_masked_w))  # W: [rows, cols]
 MATMUL = is_op("relax.matmul")(_x, _masked_w)  # W: [cols, rows]
-_LAYER_PATTERNS = (("conv2d", CONV2D), ("conv1d", CONV1D), ("linear", LINEAR), ("matmul", MATMUL))
+# torch.export's matmul decomposition (a linear over a non-contiguous 3-D input) broadcasts the weight
+_bcast = is_op("relax.broadcast_to")
+LINEAR_BCAST = is_op("relax.matmul")(_x, _bcast(is_op("relax.permute_dims")(_masked_w), wildcard()))
+MATMUL_BCAST = is_op("relax.matmul")(_x, _bcast(_masked_w, wildcard()))
+_LAYER_PATTERNS = (
+    ("conv2d", CONV2D),
+    ("conv1d", CONV1D),
+    ("linear", LINEAR),
+    ("linear", LINEAR_BCAST),
+    ("matmul", MATMUL),
+    ("matmul", MATMUL_BCAST),
+)
 _LAYER_OPS = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.matmul")
 _CONV_LAYOUTS = {"conv2d": ("NCHW", "OIHW", "NCHW"), "conv1d": ("NCW", "OIW", "NCW")}
 
@@ -244,15 +257,18 @@ def match_layer(value, label: str, params, var2val, val2var):
             raise Unsupported(f"{where}: only a 2-D weight with an input of rank >= 2 is supported; left dense", top)
         if kind == "linear":
             pd = binding_value(value.args[1], var2val)
+            if is_call(pd, "relax.broadcast_to"):
+                pd = binding_value(pd.args[0], var2val)
             axes = pd.attrs.axes
             if axes is not None and [int(i) for i in axes] != [1, 0]:
                 return None
             W2, LM2 = W, LM
         else:  # matmul(x, W_eff) with W [cols, rows]: pack the transpose
             W2, LM2 = W.T, LM.T
-        if x_shape[-1] != W2.shape[1]:
+        if x_shape[-1] != W2.shape[1] or out_shape[:-1] != x_shape[:-1]:
             raise Unsupported(
-                f"{where}: input shape {x_shape} does not contract with weight {W2.shape}; left dense", top
+                f"{where}: input shape {x_shape} does not contract with weight {W2.shape} into {out_shape}; left dense",
+                top,
             )
         layer.weight2d = np.ascontiguousarray(W2, dtype=np.float32)
         layer.level_map2d = np.ascontiguousarray(LM2)
@@ -327,7 +343,7 @@ def _unlowered_masks(func, params, var2val, layer_vars) -> list[Unsupported]:
         for u in users.get(var, []):
             if u in layer_vars:
                 continue
-            if is_call(var2val[u], "relax.permute_dims"):
+            if is_call(var2val[u], "relax.permute_dims") or is_call(var2val[u], "relax.broadcast_to"):
                 out += strays(u)
             else:
                 out.append(u)

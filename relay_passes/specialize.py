@@ -110,10 +110,9 @@ def SpecializeKernels(target, tuning_log=None) -> tvm.transform.Pass:
         out = tvm.IRModule(funcs, attrs=done.attrs, global_infos=done.global_infos)
         info = read_nested_info(out)
         if info is not None:
-            records = {p.gv.name_hint: p.record for p in plans.values()}
-            renamed = {old.name_hint: p.gv.name_hint for old, p in plans.items()}
+            records = {old.name_hint: p.record for old, p in plans.items()}  # CPU kernels may be shared
             for layer in info["layers"]:
-                layer.update(records.get(renamed.get(layer["kernel"]), {}))
+                layer.update(records.get(layer["kernel"], {}))
             out = out.with_attr(INFO_ATTR, json.dumps(info))
         return out
 

@@ -877,3 +877,50 @@ def test_fuse_epilogue_leaves_a_result_with_two_users():
     mod = tvm_nested.from_torch(nested, (torch.randn(2, 8),), {"level": torch.tensor(0)})
     ops = relax_ops(run_pipeline(mod)["main"])
     assert ops["relax.nn.relu"] == 1 and ops["relax.add"] == 1
+
+
+def test_equal_kernels_of_two_weights_stay_apart():
+    """Two weights of one shape and one level map have structurally equal kernels; each keeps its own
+    (BlockBuilder.add_func would merge them, and the CPU form would then compute both with one's weights)."""
+    import tvm_nested
+
+    rng = np.random.default_rng(24)
+    W1, W2 = rng.standard_normal((2, 8, 8)).astype(F32)
+    LM = _level_map(rng, (8, 8))
+
+    def body(bb, x, level):
+        for W in (W1, W2):
+            wt = bb.emit(relax.op.permute_dims(_mask_spelling("mul_w_mask", bb, W, LM, level), [1, 0]))
+            x = bb.emit(relax.op.nn.relu(bb.emit(relax.op.matmul(x, wt))))
+        return x
+
+    before = _main(relax.BlockBuilder(), [_var("x", (2, 8)), _var("level", (), "int64")], body)
+    kernels = [gv for gv, f in LowerNestedLayers()(before).functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 2
+    x = rng.standard_normal((2, 8)).astype(F32)
+    rt = tvm_nested.build(before, "llvm").runtime()
+    for lvl in range(int(LM.max()) + 1):
+        keep = (LM >= lvl).astype(F32)
+        ref = np.maximum(np.maximum(x @ (W1 * keep).T, 0) @ (W2 * keep).T, 0)
+        np.testing.assert_allclose(rt.run(x, level=lvl)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------- NormalizeTakeIndices
+def test_negative_constant_take_index_made_non_negative():
+    """TVM 0.27 imports x[-1] as take(x, -1, mode="fast"), which reads out of bounds."""
+    from tvm_nested.relay_passes import NormalizeTakeIndices
+
+    def module(index):
+        return _main(
+            relax.BlockBuilder(),
+            [_var("x", (5, 3))],
+            lambda bb, x: relax.op.take(x, relax.const(index, "int64"), axis=0, mode="fast"),
+        )
+
+    before, expected = module(-1), module(4)
+    after = NormalizeTakeIndices()(before)
+    tvm.ir.assert_structural_equal(after, expected)
+    tvm.ir.assert_structural_equal(NormalizeTakeIndices()(expected), expected)  # nothing to fix: unchanged
+    x = np.arange(15, dtype=F32).reshape(5, 3)
+    vm = relax.VirtualMachine(tvm.compile(after, "llvm"), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), x[-1])

@@ -25,6 +25,7 @@ import numpy as np
 from tvm import relax
 
 from .contract import LEVEL, LEVEL_DTYPE, dtype_of
+from .relay_passes import NormalizeTakeIndices
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def from_torch(module, example_args, example_kwargs=None):
 
     if isinstance(module, torch.export.ExportedProgram):
         with quiet_torch():
-            mod = from_exported_program(module)
+            mod = NormalizeTakeIndices()(from_exported_program(module))
         _check_level_param(mod, "from_torch")
         return mod
     if not isinstance(module, torch.nn.Module):
@@ -331,7 +332,7 @@ def from_torch(module, example_args, example_kwargs=None):
     module.eval()
     with torch.no_grad(), quiet_torch():
         ep = torch.export.export(module, args, kwargs)
-        mod = from_exported_program(ep)
+        mod = NormalizeTakeIndices()(from_exported_program(ep))  # TVM 0.27 reads x[-1] out of bounds
     _check_level_param(mod, "from_torch")
     return mod
 

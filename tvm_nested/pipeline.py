@@ -34,6 +34,7 @@ from .relay_passes import (
     FuseEpilogue,
     LevelGuard,
     LowerNestedLayers,
+    NormalizeTakeIndices,
     ReportUnscheduled,
     ScheduleKernels,
     SpecializeKernels,
@@ -71,7 +72,8 @@ def phases(
     if latency_table is not None and stages is None:
         raise ValueError("a latency table needs stages: build(..., stages=K, latency_table=table)")
     return [
-        # Phase 1: graph. Casts of constant level maps folded; ONNX Sum (stack + sum) back to adds;
+        # Phase 1: graph. Negative constant take indices fixed (the torch frontend reads x[-1] out
+        # of bounds); casts of constant level maps folded; ONNX Sum (stack + sum) back to adds;
         # inference BatchNorm folded into the
         # conv before it (its weight is what gets packed); nested layers -> call_tir of a kernel
         # taking the level, weights packed once ("nested.info"); residual adds and activations
@@ -79,6 +81,7 @@ def phases(
         (
             "graph",
             [
+                NormalizeTakeIndices(),
                 relax.transform.FoldConstant(),
                 SumToAdd(),
                 FoldBatchNorm(),
