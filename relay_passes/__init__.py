@@ -3,6 +3,7 @@
 
 from .deadline import AddDeadlineFunction
 from .fold_batchnorm import FoldBatchNorm
+from .full_nonfinite import BroadcastNonFiniteFull
 from .fuse_epilogue import FuseEpilogue
 from .level_guard import LevelGuard
 from .lower_nested import LowerNestedLayers, NestedLoweringWarning, read_nested_info
@@ -17,6 +18,7 @@ __all__ = [
     "AddDeadlineFunction",
     "ApplyTuningLog",
     "AttachMetadata",
+    "BroadcastNonFiniteFull",
     "FoldBatchNorm",
     "FuseEpilogue",
     "LevelGuard",

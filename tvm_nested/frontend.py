@@ -22,10 +22,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from .contract import LEVEL, LEVEL_DTYPE, dtype_of
-from .relay_passes import NormalizeTakeIndices
+from .relay_passes import BroadcastNonFiniteFull, NormalizeTakeIndices
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def from_onnx(
     if np.dtype(dtypes[LEVEL]).kind not in "iu":
         raise ValueError(f"dtype_dict gives {LEVEL!r} the dtype {dtypes[LEVEL]!r}; the level is an integer")
 
-    mod = _tvm_from_onnx(model, shape_dict=shapes, dtype_dict=dtypes)
+    mod = _fixed(_tvm_from_onnx(model, shape_dict=shapes, dtype_dict=dtypes))
     _check_level_param(mod, "from_onnx")
     return mod
 
@@ -321,7 +322,7 @@ def from_torch(module, example_args, example_kwargs=None):
 
     if isinstance(module, torch.export.ExportedProgram):
         with quiet_torch():
-            mod = NormalizeTakeIndices()(from_exported_program(module))
+            mod = _fixed(from_exported_program(module))
         _check_level_param(mod, "from_torch")
         return mod
     if not isinstance(module, torch.nn.Module):
@@ -332,12 +333,18 @@ def from_torch(module, example_args, example_kwargs=None):
     module.eval()
     with torch.no_grad(), quiet_torch():
         ep = torch.export.export(module, args, kwargs)
-        mod = NormalizeTakeIndices()(from_exported_program(ep))  # TVM 0.27 reads x[-1] out of bounds
+        mod = _fixed(from_exported_program(ep))
     _check_level_param(mod, "from_torch")
     return mod
 
 
 # ------------------------------------------------------------------------------------------- shared
+def _fixed(mod):
+    """What TVM 0.27's frontends produce, with the ops it would miscompile rewritten (x[-1] read out
+    of bounds; full(-inf) that does not legalize): the returned module runs right under tvm.compile."""
+    return tvm.transform.Sequential([NormalizeTakeIndices(), BroadcastNonFiniteFull()])(mod)
+
+
 def _check_level_param(mod, who: str) -> None:
     """The imported ``main`` must take a 0-d integer ``level`` (a frozen level would kill the knob)."""
     params = mod["main"].params

@@ -135,10 +135,10 @@ class _NestedRNN(_NestedMixin):
         x = input if batched else input.unsqueeze(1)
         if self.batch_first and batched:
             x = x.transpose(0, 1)
-        steps, batch = x.shape[0], x.shape[1]
+        steps = x.shape[0]
         dirs = 2 if self.bidirectional else 1
         is_lstm = self.mode == "LSTM"
-        h0, c0 = self._initial_states(hx, batched, batch, dirs, x)
+        h0, c0 = self._initial_states(hx, batched)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outs = []
@@ -150,22 +150,24 @@ class _NestedRNN(_NestedMixin):
                 b_ih = getattr(self, f"bias_ih{sfx}") if self.bias else None
                 b_hh = getattr(self, f"bias_hh{sfx}") if self.bias else None
                 xw = F.linear(x, w_ih, b_ih)  # (T, B, gates * H): every step's input projection at once
-                h, c = h0[k], (c0[k] if is_lstm else None)
+                # no initial state: the first step's state is zero, W_hh @ 0 is not computed
+                h = None if h0 is None else h0[k]
+                c = None if c0 is None else c0[k]
                 ys = [None] * steps
                 for t in reversed(range(steps)) if d else range(steps):
-                    hw = F.linear(h, w_hh, b_hh)
+                    hw = F.linear(h, w_hh, b_hh) if h is not None else (0 if b_hh is None else b_hh)
                     if is_lstm:
-                        i, f, g, o = (xw[t] + hw).chunk(4, 1)
-                        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                        i, f, g, o = _gates(xw[t] + hw, 4, self.hidden_size)
+                        c = torch.sigmoid(i) * torch.tanh(g) + (0 if c is None else torch.sigmoid(f) * c)
                         h = torch.sigmoid(o) * torch.tanh(c)
                         if w_hr is not None:
                             h = F.linear(h, w_hr)
                     else:
-                        i_r, i_z, i_n = xw[t].chunk(3, 1)
-                        h_r, h_z, h_n_ = hw.chunk(3, 1)
+                        i_r, i_z, i_n = _gates(xw[t], 3, self.hidden_size)
+                        h_r, h_z, h_n_ = _gates(hw, 3, self.hidden_size) if torch.is_tensor(hw) else (0, 0, 0)
                         r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
                         n = torch.tanh(i_n + r * h_n_)
-                        h = (1 - z) * n + z * h
+                        h = (1 - z) * n + (0 if h is None else z * h)
                     ys[t] = h
                 outs.append(torch.stack(ys))
                 h_n.append(h)
@@ -182,16 +184,19 @@ class _NestedRNN(_NestedMixin):
             return out, (h_n, c_n if batched else c_n.squeeze(1))
         return out, h_n
 
-    def _initial_states(self, hx, batched, batch, dirs, x):
-        real = self.proj_size if self.mode == "LSTM" and self.proj_size > 0 else self.hidden_size
-        n = self.num_layers * dirs
+    def _initial_states(self, hx, batched):
+        """(h0, c0) with a batch dim, or (None, None) when the states start at zero."""
         if hx is None:
-            h0 = x.new_zeros(n, batch, real)
-            return h0, x.new_zeros(n, batch, self.hidden_size)
+            return None, None
         if self.mode == "LSTM":
             h0, c0 = hx
             return (h0, c0) if batched else (h0.unsqueeze(1), c0.unsqueeze(1))
         return (hx if batched else hx.unsqueeze(1)), None
+
+
+def _gates(t: torch.Tensor, n: int, size: int) -> list[torch.Tensor]:
+    """``t.chunk(n, -1)`` as constant slices (an ONNX export of chunk computes its sizes from shapes)."""
+    return [t[..., k * size : (k + 1) * size] for k in range(n)]
 
 
 class NestedLSTM(_NestedRNN, nn.LSTM):
