@@ -135,6 +135,28 @@ def check_level_input(model, shape_dict: Mapping | None = None) -> None:
         )
 
 
+# ONNX operators TVM 0.27's Relax frontend cannot import, with the route that does work
+_NO_ONNX_CONVERTER = {
+    op: (
+        "nest the PyTorch model (tvm_nested.nn.nest or pruning.prune_model: nn.LSTM / nn.GRU become "
+        "step-by-step recurrences of nested matmuls) and import it with tvm_nested.from_torch, or export "
+        "that nested model to ONNX (its recurrence exports as MatMul / Gemm)"
+    )
+    for op in ("LSTM", "GRU", "RNN")
+}
+
+
+def check_onnx_ops(model) -> None:
+    """Refuse, naming the op, the node and the route that works, a model using an operator TVM 0.27's
+    ONNX frontend has no converter for."""
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in _NO_ONNX_CONVERTER:
+            raise ValueError(
+                f"from_onnx: node {node.name or node.output[0]!r} is an ONNX {node.op_type}, which TVM's ONNX "
+                f"frontend cannot import; {_NO_ONNX_CONVERTER[node.op_type]}"
+            )
+
+
 def from_onnx(
     model_or_path, shape_dict: Mapping[str, Sequence] | None = None, dtype_dict: Mapping[str, str] | None = None
 ):
@@ -151,6 +173,7 @@ def from_onnx(
         raise ValueError(f"shape_dict must be a mapping from input name to shape, got {type(shape_dict).__name__}")
     if dtype_dict is not None and not isinstance(dtype_dict, Mapping):
         raise ValueError(f"dtype_dict must be a mapping from input name to dtype, got {type(dtype_dict).__name__}")
+    check_onnx_ops(model)
     check_level_input(model, shape_dict)
     model = upgrade_onnx(model)
 
@@ -365,6 +388,7 @@ __all__ = [
     "MIN_ONNX_OPSET",
     "ONNX_OPSET",
     "check_level_input",
+    "check_onnx_ops",
     "from_onnx",
     "from_torch",
     "graph_inputs",

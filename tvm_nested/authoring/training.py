@@ -378,10 +378,17 @@ def export_torch(model: NestedModel, *example_inputs, path=None) -> torch.export
 
 
 def export_onnx(
-    model: NestedModel, *example_inputs, path, input_names: Sequence[str] | None = None, opset: int = 17
+    model: NestedModel,
+    *example_inputs,
+    path,
+    input_names: Sequence[str] | None = None,
+    opset: int = 17,
+    dynamic_batch: bool = True,
 ) -> None:
     """ONNX export (TorchScript exporter, ``dynamo=False``) with the level an int64 scalar input named
-    ``level`` after the model inputs (named ``input_names``, default ``x``, ``x1``, ...)."""
+    ``level`` after the model inputs (named ``input_names``, default ``x``, ``x1``, ...). The first
+    input's batch dimension is dynamic unless ``dynamic_batch=False`` (static shapes let the exporter
+    fold shape arithmetic, which TVM's ONNX frontend does not always import)."""
     model.eval()
     names = list(input_names or [("x" if i == 0 else f"x{i}") for i in range(len(example_inputs))])
     torch.onnx.export(
@@ -392,7 +399,7 @@ def export_onnx(
         opset_version=opset,
         input_names=[*names, "level"],
         output_names=["y"],
-        dynamic_axes={names[0]: {0: "batch"}, "y": {0: "batch"}},
+        dynamic_axes={names[0]: {0: "batch"}, "y": {0: "batch"}} if dynamic_batch else None,
     )
 
 
