@@ -250,3 +250,24 @@ def test_prune_model_nests_recurrent_matrices_and_counts_them_per_step():
     dense_f = sum(uses[n] * sizes[n] for n in sizes)
     assert stats[1]["flops"] == pytest.approx(sum(uses[n] * round(0.5 * sizes[n]) for n in sizes) / dense_f)
     assert stats[1]["layers"]["rnn.weight_hh_l0"] == pytest.approx(0.5)
+
+
+def test_nest_exported_nests_conv1d_and_names_the_recurrent_op_it_leaves_dense():
+    from tvm_nested.authoring.torch_nest import nest_exported
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+            self.rnn = nn.GRU(4, 5)
+
+        def forward(self, x):
+            return self.rnn(self.conv(x).permute(2, 0, 1))[0]
+
+    torch.manual_seed(0)
+    ep = torch.export.export(Net().eval(), (torch.randn(1, 3, 6),))
+    with pytest.warns(UserWarning, match=r"aten.gru.input keep dense weights"):
+        nested = nest_exported(ep, PruningConfig(densities=(0.5, 0.25)))
+    x = torch.randn(1, 3, 6)
+    full, half = (nested.module()(x, level=torch.tensor(lvl)) for lvl in (0, 1))
+    assert not torch.allclose(full, half), "the conv1d follows the level"
