@@ -20,8 +20,9 @@ operand is the masked weight, which ``LowerNestedLayers`` turns into nested kern
 * ``nn.MultiheadAttention``: ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj``; it
   always runs PyTorch's reference path (``F.multi_head_attention_forward``) with the masked weights.
 * A stock ``nn.TransformerEncoderLayer`` holding nested weights loses its inference fast path
-  (``torch._transformer_encoder_layer_fwd`` reads the raw weights and would skip the masks), so
-  eager PyTorch computes what the compiled module computes, in eval and under ``no_grad`` too.
+  (``torch._transformer_encoder_layer_fwd`` reads the raw weights and would skip the masks), and an
+  ``nn.TransformerEncoder`` holding them its NestedTensor packing, so eager PyTorch computes what the
+  compiled module computes, in eval and under ``no_grad`` too.
 
 ``ConvTranspose*`` and ``Conv3d`` have no nested kernel yet: ``nest`` refuses them by name.
 """
@@ -373,16 +374,12 @@ class NestedModel(nn.Module):
 def masked_state_dict(model: NestedModel, level: int) -> dict[str, torch.Tensor]:
     """The wrapped module's state at ``level``: every nested weight masked, no level maps. It loads
     into the dense model the nested one was made from (an independent reference for the level)."""
-    sd = {}
-    masked = {(id(w.module), w.param): w for w in model.nested_weights()}
-    for mname, m in model.module.named_modules():
-        prefix = f"{mname}." if mname else ""
-        for p, t in m.named_parameters(recurse=False):
-            w = masked.get((id(m), p))
-            sd[prefix + p] = t.detach() if w is None else (t * (w.level_map >= level).to(t.dtype)).detach()
-        for b, t in m.named_buffers(recurse=False):
-            if not b.endswith(LEVEL_MAP_SUFFIX) and b in m._buffers and b not in m._non_persistent_buffers_set:
-                sd[prefix + b] = t.detach()
+    names = {id(m): n for n, m in model.module.named_modules()}
+    sd = {k: v for k, v in model.module.state_dict().items() if not k.endswith(LEVEL_MAP_SUFFIX)}
+    for w in model.nested_weights():
+        prefix = names[id(w.module)]
+        key = f"{prefix}.{w.param}" if prefix else w.param
+        sd[key] = (w.weight * (w.level_map >= level).to(w.weight.dtype)).detach()
     return sd
 
 
@@ -526,8 +523,12 @@ def _reference_paths(model: nn.Module) -> None:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, nested_from(m, {}))
     for m in model.modules():
-        if type(m) is nn.TransformerEncoderLayer and any(isinstance(c, NESTED_TYPES) for c in m.modules()):
+        if not any(isinstance(c, NESTED_TYPES) for c in m.modules()):
+            continue
+        if type(m) is nn.TransformerEncoderLayer:
             m.__class__ = NestedTransformerEncoderLayer  # same state; forward without the fast path
+        elif isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False  # its fast path packs padded batches into NestedTensors
 
 
 def _to_levelmap(name: str, weight: torch.Tensor, spec) -> np.ndarray:
