@@ -3,6 +3,7 @@
 
 from .deadline import AddDeadlineFunction
 from .fold_batchnorm import FoldBatchNorm
+from .full_nonfinite import BroadcastNonFiniteFull
 from .fuse_epilogue import FuseEpilogue
 from .level_guard import LevelGuard
 from .lower_nested import LowerNestedLayers, NestedLoweringWarning, read_nested_info
@@ -11,16 +12,19 @@ from .schedule import ApplyTuningLog, ReportUnscheduled, ScheduleKernels
 from .specialize import SpecializeKernels
 from .stages import SplitStages, read_stage_plan
 from .sum_to_add import SumToAdd
+from .take_index import NormalizeTakeIndices
 
 __all__ = [
     "AddDeadlineFunction",
     "ApplyTuningLog",
     "AttachMetadata",
+    "BroadcastNonFiniteFull",
     "FoldBatchNorm",
     "FuseEpilogue",
     "LevelGuard",
     "LowerNestedLayers",
     "NestedLoweringWarning",
+    "NormalizeTakeIndices",
     "ReportUnscheduled",
     "ScheduleKernels",
     "SpecializeKernels",

@@ -226,3 +226,31 @@ def test_compiled_roundtrip(trained_small, tmp_path, via):
         (got,) = rt.run(x.numpy(), level=level)
         want = model(x, level=torch.tensor(level)).detach().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pruned_recurrent_weights_stay_zero_while_training():
+    torch.manual_seed(0)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.GRU(6, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    model = prune_model(Tagger(), PruningConfig(densities=(0.5, 0.25)))
+    x, y = torch.randn(16, 4, 6), torch.randint(0, 3, (16,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    guard = PrunedStayZero(model, optimizer)
+    before = {w.name: w.weight.detach().clone() for w in model.nested_weights()}
+    for _ in range(3):
+        loss, _ = nested_loss(model, x, y, [0, 1])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    guard.remove()
+    for w in model.nested_weights():
+        pruned = w.level_map < 0
+        assert (w.weight[pruned] == 0).all(), w.name
+        assert not torch.equal(w.weight[~pruned], before[w.name][~pruned]), f"{w.name} trains"
