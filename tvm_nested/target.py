@@ -98,28 +98,35 @@ def _normalise(d: dict) -> dict:
     return d
 
 
-def _check_cpu(target: Target) -> Target:
+def _check_cpu(spec: dict) -> dict:
     """LLVM prints "'x' is not a recognized processor (ignoring processor)" and compiles for a generic
-    CPU: an unknown ``-mcpu`` is refused here, with the names LLVM knows for the triple."""
-    if target.kind.name != "llvm" or "mcpu" not in target.attrs:
-        return target
-    cpu = str(target.attrs["mcpu"])
-    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    CPU: an unknown ``-mcpu`` is refused here, with the names LLVM knows for the triple, before TVM
+    sees it (TVM logs its own "Error: ... using default -mcpu=generic" for some triples)."""
+    if spec.get("kind") != "llvm" or not spec.get("mcpu"):
+        return spec
+    cpu = str(spec["mcpu"])
+    triple = str(spec.get("mtriple") or codegen.llvm_get_system_triple())
     if not codegen.llvm_is_valid_cpu(cpu, triple):
         known = sorted(set(codegen.llvm_get_cpu_archlist(Target({"kind": "llvm", "mtriple": triple}))))
         raise ValueError(
             f"-mcpu={cpu} is not a CPU LLVM knows for {triple} (it would compile for a generic CPU); "
             f"known: {', '.join(known[:40])}{' ...' if len(known) > 40 else ''}"
         )
+    return spec
+
+
+def _checked(target: Target) -> Target:
+    attrs = {k: target.attrs[k] for k in ("mcpu", "mtriple") if k in target.attrs}
+    _check_cpu({"kind": target.kind.name, **attrs})
     return target
 
 
 def parse_target(target) -> Target:
     """Any target form users know -> ``tvm.target.Target`` (see module docstring)."""
     if isinstance(target, Target):
-        return _check_cpu(target)
+        return _checked(target)
     if isinstance(target, dict):
-        return _check_cpu(Target(_normalise(target)))
+        return Target(_check_cpu(_normalise(target)))
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"target must be a string, dict or tvm.target.Target, got {target!r}")
     text = target.strip()
@@ -128,12 +135,12 @@ def parse_target(target) -> Target:
             spec = json.loads(text)
         except ValueError as err:
             raise ValueError(f"target {text!r} is not valid JSON: {err}") from err
-        return _check_cpu(Target(_normalise(spec)))
+        return Target(_check_cpu(_normalise(spec)))
     if text in BOARD_PRESETS:
         return Target(dict(BOARD_PRESETS[text]))
     if text in _tags():
-        return _check_cpu(Target(text))
-    return _check_cpu(Target(_normalise(_parse_classic(text))))
+        return _checked(Target(text))
+    return Target(_check_cpu(_normalise(_parse_classic(text))))
 
 
 def canonical(target) -> str:
