@@ -141,8 +141,12 @@ def test_compile_overwrites_only_with_force_and_says_so(dense_onnx, tmp_path, ca
 
 @pytest.mark.parametrize(
     "where, match",
-    [("missing/dir/m.so", "does not exist"), ("", "is a directory")],
-    ids=["missing-dir", "directory"],
+    [
+        ("missing/dir/m.so", "does not exist"),
+        ("", "is a directory"),
+        ("/proc/m.so", "cannot write into '/proc'"),  # writable by its mode bits, not in fact
+    ],
+    ids=["missing-dir", "directory", "unwritable"],
 )
 def test_unwritable_outputs_are_refused_before_compiling(dense_onnx, tmp_path, capsys, where, match):
     out = tmp_path / where if where else tmp_path
@@ -170,6 +174,7 @@ BAD = [
     ("train", ["train", "--config", "{root}/missing.json"], "no such file"),
     ("train", ["train", "--config", "{root}/notes.txt"], "config must be .json or .toml"),
     ("tune", ["tune", "{nested}", "--log", "{root}/log", "--levels", "a"], "levels must be"),
+    ("tune", ["tune", "{nested}", "--log", "{root}/log-9", "--levels", "9"], "subset of 0..1, got [9]"),
     ("tune", ["tune", "{nested}", "--log", "{root}/log-rpi", "--target", "rpi4"], "tune it on the board"),
     ("tune", ["tune", "{nested}", "--log", "{root}/log", "--trials", "0"], "positive integer"),
     ("tune", ["tune", "{nested}", "--log", "{root}/log", "--rpc", "nohost"], "expected host:port"),
@@ -203,6 +208,13 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys, verb, argv, match):
     assert code == 2
     line = _one_error_line(capsys, verb)
     assert match in line, line
+
+
+def test_refused_tune_input_leaves_no_log_behind(files, capsys):
+    log = files["root"] / "log-levels"
+    assert cli.main(["tune", str(files["nested"]), "--log", str(log), "--levels", "0,9"]) == 2
+    assert "levels must be a non-empty subset of 0..1, got [0, 9]" in _one_error_line(capsys, "tune")
+    assert not log.exists()  # checked before the log is created and locked
 
 
 def test_debug_shows_the_traceback(tmp_path):

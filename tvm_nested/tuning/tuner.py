@@ -182,22 +182,12 @@ def tune(
     _check_cpu(tgt)
     if runner == "local" and is_cross(tgt):
         raise ValueError(
-            f"target {tgt} does not run on this machine: tune it on the board with runner=RPCSettings(...) "
-            "(tvm-nested tune --rpc HOST:PORT, or --tracker HOST:PORT --key KEY)"
+            f"target {target if isinstance(target, str) else tgt} does not run on this machine: tune it on the "
+            "board with runner=RPCSettings(...) (tvm-nested tune --rpc HOST:PORT, or --tracker HOST:PORT --key KEY)"
         )
     if isinstance(runner, RPCSettings):
         runner.check_reachable()  # a silent or absent board is named now, not after compiling
-    with (
-        tuning_log.open_for_tuning(work_dir, tgt) as log,
-        tempfile.TemporaryDirectory(prefix="tvm_nested_tune_") as scratch,
-    ):
-        return _tune(mod, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose)
-
-
-def _tune(mod, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose):
-    path = log.path
-    start = time.time()
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda *a, **k: None)
+    # the model and the levels are checked before the log is created or locked
     with tgt, tvm.transform.PassContext(opt_level=3):
         graph = pipeline(tgt, stop_after="stages")(mod)
     info = read_nested_info(graph) or {"num_levels": 1}
@@ -206,6 +196,16 @@ def _tune(mod, tgt, log, scratch, max_trials, runner, levels, num_trials_per_ite
     bad = [v for v in levels if not 0 <= v < num_levels]
     if not levels or bad:
         raise ValueError(f"levels must be a non-empty subset of 0..{num_levels - 1}, got {levels}")
+    with (
+        tuning_log.open_for_tuning(work_dir, tgt) as log,
+        tempfile.TemporaryDirectory(prefix="tvm_nested_tune_") as scratch,
+    ):
+        return _tune(graph, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose)
+
+
+def _tune(graph, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose):
+    path, start = log.path, time.time()
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda *a, **k: None)
     kernels = [(gv, f) for gv, f in graph.functions_items() if (s := spec_of(f)) is not None and s.layout == "rows"]
     say(
         f"[tvm-nested tune] {len(kernels)} nested kernels and the dense operators, {max_trials} trials each, "
