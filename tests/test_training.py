@@ -145,6 +145,7 @@ def test_short_training_improves_every_level():
         assert after[lvl] > before[lvl] + 0.3, (lvl, before, after)
 
 
+@pytest.mark.filterwarnings("error")  # torch warned on every run that the bar read a loss needing grad
 def test_training_shows_one_tqdm_bar(capsys):
     """The hand-written bar went the way of tune's: one tqdm bar per phase on stderr (steps done of
     the total, time left, the last loss), nothing on stdout."""
