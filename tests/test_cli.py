@@ -259,6 +259,29 @@ def test_pt2_from_a_world_writable_directory_needs_trust(pt2, tmp_path, capsys):
     assert cli.main(["compile", str(planted), "-o", str(tmp_path / "m.so"), "--trust-pt2"]) == 0
 
 
+def test_pt2_trust_rules(tmp_path):
+    """Refused: a file every user may write, one owned by another user, one in a world-writable
+    directory without the sticky bit; a file of one's own in a sticky directory (/tmp) is fine."""
+    from tvm_nested.frontend import load_exported_program, untrusted_reason
+
+    path = tmp_path / "m.pt2"
+    path.write_bytes(b"not loaded: refused first")
+    assert untrusted_reason(str(path)) is None
+    path.chmod(0o666)
+    assert untrusted_reason(str(path)) == "every user may write to it"
+    with pytest.raises(ValueError, match="every user may write to it; a .pt2 archive is unpickled"):
+        load_exported_program(path)
+    path.chmod(0o644)
+    tmp_path.chmod(0o1777)
+    assert untrusted_reason(str(path)) is None  # sticky: only its owner may replace it
+    tmp_path.chmod(0o777)
+    assert "writable by every user" in untrusted_reason(str(path))
+    tmp_path.chmod(0o755)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+        assert untrusted_reason(str(path)) == "it is owned by another user (uid 65534)"
+
+
 def test_tune_is_callable_as_the_readme_writes_it():
     import inspect
 
