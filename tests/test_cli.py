@@ -269,7 +269,7 @@ def test_pt2_trust_rules(tmp_path):
     assert untrusted_reason(str(path)) is None
     path.chmod(0o666)
     assert untrusted_reason(str(path)) == "every user may write to it"
-    with pytest.raises(ValueError, match="every user may write to it; a .pt2 archive is unpickled"):
+    with pytest.raises(ValueError, match=r"every user may write to it; a \.pt2 archive is unpickled"):
         load_exported_program(path)
     path.chmod(0o644)
     tmp_path.chmod(0o1777)

@@ -93,3 +93,16 @@ def test_an_unknown_cpu_is_refused_before_tvm_sees_it(target, triple, capfd):
     with pytest.raises(ValueError, match=rf"is not a CPU LLVM knows for {triple}.*generic CPU\); known: "):
         parse_target(target)
     assert capfd.readouterr().err == ""  # one error, not TVM's log line before it
+
+
+@pytest.mark.parametrize("triple", ["nonsense", "foo-linux-gnu"])
+def test_a_triple_llvm_has_no_target_for_is_refused(triple):
+    """Building for it crashed the process (SIGSEGV in LLVM)."""
+    with pytest.raises(ValueError, match=rf"-mtriple={triple}: LLVM has no target for it"):
+        parse_target(f"llvm -mtriple={triple}")
+
+
+@pytest.mark.parametrize("triple", ["armv7l-linux-gnueabihf", "i686-linux-gnu", "riscv64-linux-gnu"])
+def test_triples_llvm_knows_pass(triple, capfd):
+    assert str(parse_target(f"llvm -mtriple={triple}").attrs["mtriple"]) == triple
+    assert capfd.readouterr().err == ""

@@ -101,11 +101,20 @@ def _normalise(d: dict) -> dict:
 def _check_cpu(spec: dict) -> dict:
     """LLVM prints "'x' is not a recognized processor (ignoring processor)" and compiles for a generic
     CPU: an unknown ``-mcpu`` is refused here, with the names LLVM knows for the triple, before TVM
-    sees it (TVM logs its own "Error: ... using default -mcpu=generic" for some triples)."""
-    if spec.get("kind") != "llvm" or not spec.get("mcpu"):
+    sees it (TVM logs its own "Error: ... using default -mcpu=generic" for some triples). A triple
+    LLVM has no target for is refused too: building for it crashed the process (SIGSEGV)."""
+    if spec.get("kind") != "llvm":
+        return spec
+    triple = str(spec.get("mtriple") or codegen.llvm_get_system_triple())
+    # the probe logs TVM's "Error" line for a triple it rejects: only names LLVM does not list go there
+    if triple.split("-")[0] not in codegen.llvm_get_targets() and not codegen.llvm_is_valid_cpu("generic", triple):
+        raise ValueError(
+            f"-mtriple={triple}: LLVM has no target for it (its architecture comes first, e.g. "
+            f"aarch64-linux-gnu, x86_64-linux-gnu, armv7l-linux-gnueabihf, riscv64-linux-gnu)"
+        )
+    if not spec.get("mcpu"):
         return spec
     cpu = str(spec["mcpu"])
-    triple = str(spec.get("mtriple") or codegen.llvm_get_system_triple())
     if not codegen.llvm_is_valid_cpu(cpu, triple):
         known = sorted(set(codegen.llvm_get_cpu_archlist(Target({"kind": "llvm", "mtriple": triple}))))
         raise ValueError(
