@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -208,6 +209,15 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys, verb, argv, match):
     assert code == 2
     line = _one_error_line(capsys, verb)
     assert match in line, line
+
+
+def test_a_failing_compiler_is_quoted_in_the_one_line(files, capsys):
+    """An aarch64 module linked by the host's gcc said only 'Compilation error:'."""
+    argv = ["compile", str(files["nested"]), "-o", str(files["root"] / "cc.so"), "--target", "rpi4", "--cc", "gcc"]
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys, "compile")
+    assert re.search(r"error: Compilation error: \S.*error", line), line
+    assert not (files["root"] / "cc.so").exists()
 
 
 def test_refused_tune_input_leaves_no_log_behind(files, capsys):
