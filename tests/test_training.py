@@ -21,6 +21,7 @@ from tvm_nested.authoring.training import (
     export_torch,
     nested_loss,
     pick_levels,
+    train_dense,
     train_nested,
 )
 
@@ -142,6 +143,22 @@ def test_short_training_improves_every_level():
         total = sum(m.weight.numel() for _, m in model.nested_layers())
         assert kept == pytest.approx(pruning.densities[lvl] * total, abs=1)
         assert after[lvl] > before[lvl] + 0.3, (lvl, before, after)
+
+
+@pytest.mark.filterwarnings("error")  # torch warned on every run that the bar read a loss needing grad
+def test_training_shows_one_tqdm_bar(capsys):
+    """The hand-written bar went the way of tune's: one tqdm bar per phase on stderr (steps done of
+    the total, time left, the last loss), nothing on stdout."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    model = prune_model(digits_cnn(width=4, seed=0), PruningConfig(densities=(0.5, 0.25)))
+    cfg = TrainConfig(epochs=2, batch_size=32, seed=0)
+    train_dense(digits_cnn(width=4, seed=0), (x, y), cfg, progress=True)
+    train_nested(model, (x, y), cfg, progress=True)
+    out = capsys.readouterr()
+    assert out.out == ""
+    for phase in ("dense", "nested"):
+        assert f"{phase}: 100%" in out.err and "4/4 [" in out.err and "step/s, loss=" in out.err, out.err
 
 
 @pytest.fixture(scope="module")

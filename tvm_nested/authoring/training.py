@@ -311,7 +311,7 @@ def train_nested(
                 for k, v in parts.items():
                     sums.setdefault(k, []).append(v)
                 if bar:
-                    bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
                     bar.update(1)
             record = {
                 "epoch": epoch,
