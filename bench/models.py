@@ -16,6 +16,11 @@ layer shape and for the dense remainder (tvm_nested.runtime.profile).
 
 Usage: python bench/models.py [--model resnet50] [--threads 1 2] [--tune 16] [--tuning-log DIR]
 Writes bench/results/models.{md,json,png}.
+
+With --families [NAME ...]: one row per paper family of tvm_nested.authoring.families (ResNet,
+MobileNet, PointNet++, GNMT, GAT, Transformer; small models, nested by prune_model) and level: the
+nested module's latency against the stock dense PyTorch model (eager, no_grad, same threads).
+Writes bench/results/families.{md,json}. --repeat sets the timing repeats (1 for a smoke run).
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import RESULTS, cpu_isa, cpu_model, host_mcpu
+from kernels import RESULTS, _time_torch, cpu_isa, cpu_model, host_mcpu
 
 DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.001)
+FAMILY_DENSITIES = (0.5, 0.2, 0.1, 0.05)
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:
@@ -66,6 +72,82 @@ def _shape_groups(profile, layers) -> dict:
     return dict(out)
 
 
+def families_main(args) -> None:
+    """One row per family and level: nested module vs the stock dense PyTorch model."""
+    import copy
+
+    import torch
+
+    import tvm_nested
+    from tvm_nested.authoring import families
+    from tvm_nested.authoring import nn as tnn
+    from tvm_nested.authoring.pruning import PruningConfig, prune_model
+
+    names = args.families or sorted(families.FAMILIES)
+    print(f"CPU {cpu_model()} ({cpu_isa()}), families {names}, float32, threads {args.threads}", flush=True)
+    rows = []
+    for name in names:
+        dense, inputs = families.build(name)
+        nested = prune_model(dense, PruningConfig(FAMILY_DENSITIES))
+        t0 = time.perf_counter()
+        lib = tvm_nested.build(tvm_nested.from_torch(nested, inputs, {"level": torch.tensor(0)}), "llvm")
+        build_s = time.perf_counter() - t0
+        rt = lib.runtime()
+        feed = [i.numpy() for i in inputs]
+        ref = copy.deepcopy(dense)
+        ref.load_state_dict(tnn.masked_state_dict(nested, 0))
+        with torch.no_grad():
+            want = ref.eval()(*inputs).numpy()
+        err = float(np.abs(rt.run(*feed, level=0)[0] - want).max() / max(1.0, np.abs(want).max()))
+        for threads in args.threads:
+            tvm_nested.set_num_threads(threads)
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                torch_ms = _time_torch(lambda d=dense: d(*inputs), min_s=0.05, repeat=args.repeat)
+            for lvl in range(lib.num_levels):
+                rt.run(*feed, level=lvl)  # warm-up: first-call costs are not the level's latency
+                ms = rt.time(*feed, level=lvl, number=2, repeat=args.repeat)
+                row = {
+                    "family": name,
+                    "threads": threads,
+                    "level": lvl,
+                    "density": lib.densities[lvl],
+                    "nested_ms": ms,
+                    "torch_dense_ms": torch_ms,
+                    "build_s": build_s,
+                    "payload_bytes": lib.payload_bytes,
+                    "dense_bytes": lib.dense_bytes,
+                    "level0_rel_err": err,
+                }
+                rows.append(row)
+                print(
+                    f"  {name} t={threads} L{lvl} density={row['density']:.3f} nested={ms:.3f} ms "
+                    f"torch_dense={torch_ms:.3f} ms",
+                    flush=True,
+                )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"cpu": cpu_model(), "isa": cpu_isa(), "dtype": "float32", "threads": args.threads, "repeat": args.repeat}
+    (RESULTS / "families.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = [
+        "# Paper families: nested (one module, every level) vs stock dense PyTorch",
+        "",
+        f"CPU {meta['cpu']}, {meta['isa']}, float32, untuned default schedules, {args.repeat} timing repeats. "
+        "Small models "
+        "(tvm_nested.authoring.families) nested by prune_model; level 0 checked against the stock model.",
+        "",
+        "| family | threads | level | density | nested ms | torch dense ms | nested / torch | payload KiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['family']} | {r['threads']} | {r['level']} | {r['density']:.3f} | {r['nested_ms']:.3f} | "
+            f"{r['torch_dense_ms']:.3f} | {r['nested_ms'] / r['torch_dense_ms']:.2f} | "
+            f"{r['payload_bytes'] / 1024:.1f} |"
+        )
+    (RESULTS / "families.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {RESULTS}/families.md/.json")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -73,7 +155,12 @@ def main(argv=None):
     ap.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="tune with TRIALS per function first")
     ap.add_argument("--tuning-log", help="the log to tune into / build with (default: a temporary one)")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--families", nargs="*", default=None, help="paper families instead of --model (all if none named)")
+    ap.add_argument("--repeat", type=int, default=5, help="--families: timing repeats")
     args = ap.parse_args(argv)
+    if args.families is not None:
+        families_main(args)
+        return
 
     import tvm
 

@@ -26,7 +26,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from ..contract import INFO_ATTR, dtype_of
 from ..schedules.kernel import is_nested_kernel, kernel
 from ..schedules.spec import Epilogue, spec_of
-from .lower_nested import read_nested_info
+from .lower_nested import add_kernel, read_nested_info
 from .match import binding_value, is_call
 
 _CALL_TIR = "relax.call_tir"
@@ -171,9 +171,8 @@ class _Fuser(PyExprMutator):
         )
         fused = kernel(dataclasses.replace(spec, epilogue=Epilogue(**dataclasses.asdict(epi))))
         # a new GlobalVar (the old one's type is the old signature: a residual adds a parameter),
-        # its name made unique by the builder; the compiled symbol follows it
-        new_gv = self.builder_.add_func(fused, gv.name_hint)
-        self.builder_.update_func(new_gv, fused.with_attr("global_symbol", new_gv.name_hint))
+        # under a fresh name, never merged with another weight's equal kernel
+        new_gv = add_kernel(self.builder_, fused, gv.name_hint)
         self.replaced[gv] = new_gv
         args = [self.visit_expr(a) for a in call.args[1].fields]
         if plan.residual is not None:

@@ -7,7 +7,8 @@ Run after legalization (``LegalizeOps`` .. ``FuseTIR``), in this order:
   another target or version. What it schedules carries ``tirx.is_scheduled``.
 * ``ScheduleKernels(target)``: the target's rules for what is not scheduled yet: nested kernels
   (``schedules.cpu.schedule_cpu`` / ``schedules.cuda.schedule_cuda``), then the dense remainder
-  (``schedules.cpu_dense`` on CPU, TVM's dlight GPU rules on CUDA).
+  (``schedules.cpu_dense`` on CPU; on CUDA TVM's dlight GPU rules, one function and one rule at a
+  time, so a rule that fails on a function falls through to the next).
 * ``ReportUnscheduled(target)``: names every function no rule scheduled: a warning on CPU (they run
   as plain loops), an error on GPU (TVM 0.27 would compile an unbound kernel as CPU code).
 """
@@ -54,14 +55,27 @@ def ApplyTuningLog(target, log) -> tvm.transform.Pass:
 
 
 def _dense_rule(target):
+    """One function -> its schedule or None: the CPU rule, or dlight's GPU rules in order."""
     if target.kind.name == "llvm":
         return lambda func: schedule_dense_func(func, target)
     from tvm.s_tir import dlight as dl  # the GPU rules (imported for GPU targets only)
 
-    rules = dl.ApplyDefaultSchedule(
-        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-    )
-    return rules
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+    def schedule(func):
+        # one rule at a time: a rule that misjudges a function (dlight's GEMV asserts on the einsum of
+        # a graph attention) must not stop the next one from scheduling it
+        for rule in rules:
+            try:
+                with target:
+                    out = dl.ApplyDefaultSchedule(rule)(tvm.IRModule({"main": func}))["main"]
+            except (AssertionError, tvm.error.InternalError):
+                continue
+            if _scheduled(out):
+                return out
+        return None
+
+    return schedule
 
 
 def ScheduleKernels(target) -> tvm.transform.Pass:
@@ -80,9 +94,6 @@ def ScheduleKernels(target) -> tvm.transform.Pass:
                 # the compiled symbol follows the (unique) GlobalVar, whatever the rule copied
                 mod[gv] = scheduled.with_attr(IS_SCHEDULED, True).with_attr("global_symbol", gv.name_hint)
         dense = _dense_rule(target)
-        if isinstance(dense, tvm.transform.Pass):
-            with target:
-                return dense(mod)
         for gv, func in list(_unscheduled_prim_funcs(mod)):
             if not is_nested_kernel(func):
                 scheduled = dense(func)

@@ -4,7 +4,8 @@ Run after ``LowerNestedLayers`` (and ``SplitStages``). On CPU targets each lower
 kernel becomes the CPU kernel (``schedules/cpu.py``) for its knobs: the tuning log's choice
 (``schedules/knob_table.py``) or the target family's defaults. A conv's weights are packed again
 for the knobs (each non-zero's input offset, the sub-rows): the kernel and its constants at every
-call site change together, once per kernel, so stage functions keep sharing one copy of the weights.
+call site change together, once per kernel, so stage functions keep sharing one copy of the weights;
+kernels of one weight (call sites of several shapes) that pack it alike share one constant each.
 Other targets keep the lowered kernels. ``tvm_nested.tune`` extracts its tasks after this pass.
 
 Each layer's record in ``nested.info`` follows its kernel: the new name, the payload now packed,
@@ -41,6 +42,7 @@ class _Plan:
 def _plans(mod: tvm.IRModule, target, table: dict) -> dict:
     bb = relax.BlockBuilder(mod)
     plans = {}
+    pool = {}  # (dtype, shape, bytes) -> one constant: equal packed arrays are stored once
     sites = call_sites(mod)
     for gv, func in mod.functions_items():
         spec = spec_of(func)
@@ -61,7 +63,13 @@ def _plans(mod: tvm.IRModule, target, table: dict) -> dict:
             "knobs": dataclasses.asdict(knobs),
             "tuned": entry is not None,
         }
-        plans[gv] = _Plan(new_gv, [relax.const(a) for a in packed.arrays()], record)
+        consts = []
+        for a in packed.arrays():
+            key = (a.dtype.str, a.shape, a.tobytes())
+            if key not in pool:
+                pool[key] = relax.const(a)
+            consts.append(pool[key])
+        plans[gv] = _Plan(new_gv, consts, record)
     return bb.get(), plans
 
 
@@ -102,10 +110,9 @@ def SpecializeKernels(target, tuning_log=None) -> tvm.transform.Pass:
         out = tvm.IRModule(funcs, attrs=done.attrs, global_infos=done.global_infos)
         info = read_nested_info(out)
         if info is not None:
-            records = {p.gv.name_hint: p.record for p in plans.values()}
-            renamed = {old.name_hint: p.gv.name_hint for old, p in plans.items()}
+            records = {old.name_hint: p.record for old, p in plans.items()}  # CPU kernels may be shared
             for layer in info["layers"]:
-                layer.update(records.get(renamed.get(layer["kernel"]), {}))
+                layer.update(records.get(layer["kernel"], {}))
             out = out.with_attr(INFO_ATTR, json.dumps(info))
         return out
 

@@ -10,7 +10,10 @@ yet one simple schedule, block by block (root children only):
 * block with reduction loops (conv2d, matmul, pooling, softmax's max/sum): the spatial loops fused
   and parallel, except the innermost spatial loop's vector part, which moves inside the reduction
   loops and is vectorised (a register-resident row of outputs, as in a direct conv); the init is
-  decomposed out of the reduction.
+  decomposed out of the reduction;
+* a block that reads or writes a ``bool`` buffer (the masks of ``slice_scatter``, ``where``) is
+  parallel but never vectorised: TVM 0.27 keeps bool as int8 in memory and i1 in registers, and its
+  vectoriser mixes the two (``dtype mismatch on BufferStore: ... T.bool ... T.int8x10``).
 
 A block the rule cannot schedule (non-constant extents, opaque structure) keeps its loops; the
 functions left wholly unscheduled are reported (``relay_passes.ReportUnscheduled``). Tuning
@@ -91,6 +94,10 @@ def _inline_producers(sch: Schedule, block) -> None:
             continue
 
 
+def _touches_bool(block) -> bool:
+    return any(str(r.source.dtype) == "bool" for r in [*block.reads, *block.writes])
+
+
 def _schedule_block(sch: Schedule, block, knobs: DenseKnobs) -> None:
     loops = sch.get_loops(block)
     if not loops:
@@ -116,6 +123,8 @@ def _schedule_block(sch: Schedule, block, knobs: DenseKnobs) -> None:
     strided = reduce_ and not _unit_stride_in_reads(sch.get(block), last_var)
     if reduce_ and (strided or not _innermost_in_reads(sch.get(block), last_var)):
         vec = 1  # e.g. x @ W.T: the output column strides through W; keep the reduction innermost
+    if _touches_bool(sch.get(block)):
+        vec = 1  # bool vectors do not lower in TVM 0.27 (module docstring)
     outer_sp = spatial[:-1]
     if vec > 1 and vec < last_ext:
         lo, vi = sch.split(last, [None, vec])

@@ -147,8 +147,12 @@ def test_compile_overwrites_only_with_force_and_says_so(dense_onnx, tmp_path, ca
 
 @pytest.mark.parametrize(
     "where, match",
-    [("missing/dir/m.so", "does not exist"), ("", "is a directory")],
-    ids=["missing-dir", "directory"],
+    [
+        ("missing/dir/m.so", "does not exist"),
+        ("", "is a directory"),
+        ("/proc/m.so", "cannot write into '/proc'"),  # writable by its mode bits, not in fact
+    ],
+    ids=["missing-dir", "directory", "unwritable"],
 )
 def test_unwritable_outputs_are_refused_before_compiling(dense_onnx, tmp_path, capsys, where, match):
     out = tmp_path / where if where else tmp_path
@@ -176,6 +180,7 @@ BAD = [
     ("train", ["train", "--config", "{root}/missing.json"], "no such file"),
     ("train", ["train", "--config", "{root}/notes.txt"], "config must be .json or .toml"),
     ("tune", ["tune", "{nested}", "--log", "{root}/log", "--levels", "a"], "levels must be"),
+    ("tune", ["tune", "{nested}", "--log", "{root}/log-9", "--levels", "9"], "subset of 0..1, got [9]"),
     ("tune", ["tune", "{nested}", "--log", "{root}/log-rpi", "--target", "rpi4"], "tune it on the board"),
     ("tune", ["tune", "{nested}", "--log", "{root}/log", "--trials", "0"], "positive integer"),
     ("tune", ["tune", "{nested}", "--log", "{root}/log", "--rpc", "nohost"], "expected host:port"),
@@ -209,6 +214,22 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys, verb, argv, match):
     assert code == 2
     line = _one_error_line(capsys, verb)
     assert match in line, line
+
+
+def test_a_failing_compiler_is_quoted_in_the_one_line(files, capsys):
+    """An aarch64 module linked by the host's gcc said only 'Compilation error:'."""
+    argv = ["compile", str(files["nested"]), "-o", str(files["root"] / "cc.so"), "--target", "rpi4", "--cc", "gcc"]
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys, "compile")
+    assert re.search(r"error: Compilation error: \S.*error", line), line
+    assert not (files["root"] / "cc.so").exists()
+
+
+def test_refused_tune_input_leaves_no_log_behind(files, capsys):
+    log = files["root"] / "log-levels"
+    assert cli.main(["tune", str(files["nested"]), "--log", str(log), "--levels", "0,9"]) == 2
+    assert "levels must be a non-empty subset of 0..1, got [0, 9]" in _one_error_line(capsys, "tune")
+    assert not log.exists()  # checked before the log is created and locked
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -251,6 +272,29 @@ def test_pt2_from_a_world_writable_directory_needs_trust(pt2, tmp_path, capsys):
     line = _one_error_line(capsys, "compile")
     assert "writable by every user" in line and "can run code" in line and "--trust-pt2" in line
     assert cli.main(["compile", str(planted), "-o", str(tmp_path / "m.so"), "--trust-pt2"]) == 0
+
+
+def test_pt2_trust_rules(tmp_path):
+    """Refused: a file every user may write, one owned by another user, one in a world-writable
+    directory without the sticky bit; a file of one's own in a sticky directory (/tmp) is fine."""
+    from tvm_nested.frontend import load_exported_program, untrusted_reason
+
+    path = tmp_path / "m.pt2"
+    path.write_bytes(b"not loaded: refused first")
+    assert untrusted_reason(str(path)) is None
+    path.chmod(0o666)
+    assert untrusted_reason(str(path)) == "every user may write to it"
+    with pytest.raises(ValueError, match=r"every user may write to it; a \.pt2 archive is unpickled"):
+        load_exported_program(path)
+    path.chmod(0o644)
+    tmp_path.chmod(0o1777)
+    assert untrusted_reason(str(path)) is None  # sticky: only its owner may replace it
+    tmp_path.chmod(0o777)
+    assert "writable by every user" in untrusted_reason(str(path))
+    tmp_path.chmod(0o755)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+        assert untrusted_reason(str(path)) == "it is owned by another user (uid 65534)"
 
 
 def test_tune_is_callable_as_the_readme_writes_it():

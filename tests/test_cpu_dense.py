@@ -109,3 +109,27 @@ def test_strided_pool_inlines_its_pad_and_unrolls_the_window():
     assert kinds["unrolled"] == 2 and kinds["parallel"] == 1 and not kinds["vectorized"]
     args = [np.random.default_rng(3).standard_normal((1, 4, 15, 15)).astype(np.float32)]
     np.testing.assert_allclose(_run(_legalized(mod, stop_after="schedule"), args), _run(mod, args), rtol=0, atol=0)
+
+
+def test_bool_blocks_build_and_match():
+    """``slice_scatter`` (torch.export's circular padding) legalizes into bool mask buffers; the
+    rule keeps their blocks scalar (TVM 0.27 cannot vectorise bool) and the module builds and runs."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 10, 10), "float32"))
+    y = relax.Var("y", relax.TensorType((1, 3, 10, 1), "float32"))
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.slice_scatter(x, y, 9, 10, 1, axis=3))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    rng = np.random.default_rng(3)
+    args = [
+        rng.standard_normal((1, 3, 10, 10)).astype(np.float32),
+        rng.standard_normal((1, 3, 10, 1)).astype(np.float32),
+    ]
+    scheduled = _legalized(mod, stop_after="schedule")
+    (func,) = [f for _, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert bool(func.attrs["tirx.is_scheduled"]) and loop_kinds(func)["vectorized"]
+    expect = args[0].copy()
+    expect[..., 9:10] = args[1]
+    np.testing.assert_array_equal(_run(scheduled, args), expect)

@@ -455,3 +455,33 @@ def test_gpu_squeezenet_every_level(squeezenet_case, cuda_compile_path):
         (want,) = ort_run(model, {name: x}, level=level)
         (got,) = rt.run(x, level=level)
         _close(got, want)
+
+
+# ------------------------------------------------------------------------------ paper families
+@pytest.fixture(scope="module", params=["gat", "gnmt"])
+def family_case(request):
+    """GAT (its einsum once stopped dlight's GEMV rule) and GNMT (shared recurrent kernels)."""
+    from tvm_nested.authoring import families
+    from tvm_nested.authoring.pruning import PruningConfig, prune_model
+
+    dense, inputs = families.build(request.param)
+    nested = prune_model(dense, PruningConfig(DENSITIES))
+    return nested, inputs, tvm_nested.from_torch(nested, inputs, {"level": torch.tensor(0)})
+
+
+def test_family_builds_for_cuda_with_every_function_scheduled(family_case):
+    _, _, mod = family_case
+    lib = tvm_nested.build(mod, "cuda -arch=sm_80")  # ReportUnscheduled raises on GPU for anything left
+    assert lib.num_levels == len(DENSITIES) and lib.info["layers"]
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_family_every_level(family_case, cuda_compile_path):
+    nested, inputs, mod = family_case
+    rt = tvm_nested.build(mod, target={"kind": "cuda", "arch": _device_arch()}).runtime(tvm.cuda(0))
+    for level in range(len(DENSITIES)):
+        with torch.no_grad():
+            want = nested(*inputs, level=torch.tensor(level)).numpy()
+        (got,) = rt.run(*[i.numpy() for i in inputs], level=level)
+        _close(got, want)

@@ -280,13 +280,15 @@ def test_tracker_without_the_key_fails_within_the_timeout(board_tracker):
 
 # -------------------------------------------------------------------------- remote tuning
 def test_remote_tuning_log_is_reused_for_the_board_and_refused_elsewhere(board_tracker, tmp_path, aarch64_cc):
-    """A few trials of one tiny nested kernel measured ON the board (cross-compiled .so candidates),
-    then builds for that board reuse the log without measuring; other boards' targets refuse it."""
+    """A few trials of two tiny nested kernels measured ON the board (cross-compiled .so candidates),
+    then builds for that board reuse the log without measuring; other boards' targets refuse it.
+    (A second kernel's candidates were uploaded under the first one's names and crashed the board.)"""
     from tvm_nested.schedules import tuning_log as tunelog
     from tvm_nested.tuning import RPCSettings, tune
 
     torch.manual_seed(0)
-    model = tnn.nest(nn.Sequential(nn.Linear(32, 16)).eval(), {"0": (0.5, 0.2)}).eval()
+    model = tnn.nest(nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 8)).eval(), {"0": (0.5, 0.2), "1": (0.5, 0.2)})
+    model = model.eval()
     x = torch.randn(2, 32)
     mod = tvm_nested.from_torch(model, (x,), {"level": torch.tensor(0)})
     log = tmp_path / "rpi4-log"
@@ -300,8 +302,9 @@ def test_remote_tuning_log_is_reused_for_the_board_and_refused_elsewhere(board_t
         progress=False,
         runner=RPCSettings(tracker_host=host, tracker_port=port, key=board_tracker.key),
     )
-    (kernel,) = report.nested
-    assert kernel.trials >= 2 and kernel.best_seconds > 0 and len(kernel.level_seconds) == 2
+    assert len(report.nested) == 2
+    for kernel in report.nested:
+        assert kernel.trials >= 2 and kernel.best_seconds > 0 and len(kernel.level_seconds) == 2
     lib = tvm_nested.build(mod, BOARD_TARGET, tuning_log=log)
     rt = dp.deploy(lib, tracker=board_tracker.address, key=board_tracker.key)
     with torch.no_grad():

@@ -214,3 +214,27 @@ def test_from_onnx_converts_old_opset(caplog):
         mod = from_onnx(model)
     assert "converting to opset 17" in caplog.text
     assert _level_param(mod) == "int32"
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_from_onnx_refuses_recurrent_ops_naming_the_torch_route(op):
+    """TVM's ONNX frontend has no LSTM / GRU: the refusal names the op, the node and what works."""
+    gates = 4 if op == "LSTM" else 3
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((1, gates * 5, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((1, gates * 5, 5)).astype(np.float32), "R"),
+    ]
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "W", "R"], ["y"], name="encoder", hidden_size=5)],
+        "rnn",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 1, 3]),
+            helper.make_tensor_value_info("level", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 1, 1, 5])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ValueError, match=rf"node 'encoder' is an ONNX {op}, .*cannot import; .*tvm_nested.from_torch"):
+        from_onnx(model)

@@ -1,5 +1,7 @@
 """tvm_nested.authoring.nn and tvm_nested.authoring.levelmap: nested layers equal the dense model with W * (LM >= l)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,169 @@ def test_a_model_level_map_out_of_range_is_refused_by_name_before_packing():
     mod = tvm_nested.from_torch(model, (torch.ones(1, 8),), {"level": torch.tensor(0)})
     with pytest.raises(ValueError, match=r"nested linear linear_0 .*level map holds 4294967296 \(int64\)"):
         tvm_nested.build(mod, "llvm")
+
+
+# ------------------------------------------------------------- recurrent layers and attention
+def _stock_at(dense: nn.Module, nested: tnn.NestedModel, level: int) -> nn.Module:
+    """The stock module (PyTorch's own LSTM / GRU / attention kernels) with the level's masked weights."""
+    ref = copy.deepcopy(dense)
+    ref.load_state_dict(tnn.masked_state_dict(nested, level))
+    return ref.eval()
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out if o is not None for t in _flat(o)]
+
+
+class One(nn.Module):
+    """One layer called with every argument (nn.Sequential passes one)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args):
+        return self.layer(*args)
+
+
+RNN_CASES = {
+    "lstm_2layer_bidir": (nn.LSTM, dict(num_layers=2, bidirectional=True), (5, 2, 6), False),
+    "lstm_batch_first_hx": (nn.LSTM, dict(batch_first=True), (2, 5, 6), True),
+    "lstm_proj_no_bias": (nn.LSTM, dict(proj_size=3, bias=False), (5, 2, 6), False),
+    "lstm_unbatched": (nn.LSTM, dict(bidirectional=True), (5, 6), True),
+    "gru_2layer_bidir": (nn.GRU, dict(num_layers=2, bidirectional=True), (5, 2, 6), False),
+    "gru_batch_first_hx": (nn.GRU, dict(batch_first=True, num_layers=2), (2, 5, 6), True),
+}
+
+
+@pytest.mark.parametrize("case", RNN_CASES, ids=list(RNN_CASES))
+def test_nested_recurrent_layer_equals_stock_at_every_level(case):
+    cls, kwargs, x_shape, with_state = RNN_CASES[case]
+    torch.manual_seed(0)
+    dense = One(cls(6, 8, **kwargs)).eval()
+    nested = tnn.nest(dense, {"layer": DENSITIES})
+    rnn = dense.layer
+    assert [w.name for w in nested.nested_weights()] == [
+        f"layer.{n}" for n in rnn._flat_weights_names if n.startswith("weight_")
+    ]
+    x = torch.randn(*x_shape)
+    args = (x,)
+    if with_state:
+        out_size = rnn.proj_size or rnn.hidden_size if cls is nn.LSTM else rnn.hidden_size
+        lead = (rnn.num_layers * (2 if rnn.bidirectional else 1),)
+        batch = () if len(x_shape) == 2 else (x_shape[0] if rnn.batch_first else x_shape[1],)
+        h0 = torch.randn(*lead, *batch, out_size)
+        args = (x, (h0, torch.randn(*lead, *batch, rnn.hidden_size)) if cls is nn.LSTM else h0)
+    for level in range(L):
+        with torch.no_grad():
+            got = _flat(nested(*args, level=torch.tensor(level)))
+            want = _flat(_stock_at(dense, nested, level)(*args))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_recurrent_weights_by_name_and_gradients_masked():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.GRU(4, 5))
+    nested = tnn.nest(dense, {"0.weight_hh_l0": DENSITIES})
+    gru = nested.module[0]
+    assert gru.nested_params == ["weight_hh_l0"]
+    loss = nested(torch.randn(3, 2, 4), level=torch.tensor(1))[0].square().sum()
+    loss.backward()
+    dropped = gru.level_map_of("weight_hh_l0") < 1
+    assert (gru.weight_hh_l0.grad[dropped] == 0).all() and (gru.weight_hh_l0.grad[~dropped] != 0).any()
+    assert (gru.weight_ih_l0.grad != 0).any(), "the dense matrix trains as usual"
+    with pytest.raises(ValueError, match=r"one level map for several weights; .*0.weight_ih_l0, 0.weight_hh_l0"):
+        tnn.nest(dense, {"0": np.zeros((15, 4), np.int32)})
+    with pytest.raises(KeyError, match=r"'bias_hh_l0' is not a nestable weight of GRU"):
+        tnn.nest(dense, {"0.bias_hh_l0": DENSITIES})
+
+
+class Attention(nn.Module):
+    def __init__(self, kdim=None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+
+    def forward(self, q, kv):
+        self_out, _ = self.attn(q, q, q) if self.attn._qkv_same_embed_dim else (0, None)
+        cross, weights = self.attn(q, kv, kv)
+        return self_out + cross, weights
+
+
+@pytest.mark.parametrize("kdim", [None, 6], ids=["packed_in_proj", "separate_qkv"])
+def test_nested_attention_equals_stock_with_masked_weights(kdim):
+    torch.manual_seed(0)
+    dense = Attention(kdim).eval()
+    nested = tnn.nest(dense, {"attn": DENSITIES})
+    names = [w.name for w in nested.nested_weights()]
+    assert names == (
+        ["attn.in_proj_weight", "attn.out_proj"]
+        if kdim is None
+        else ["attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight", "attn.out_proj"]
+    )
+    q, kv = torch.randn(2, 3, 8), torch.randn(2, 4, kdim or 8)
+    for level in range(L):
+        with torch.no_grad():
+            got = nested(q, kv, level=torch.tensor(level))
+            want = _stock_at(dense, nested, level)(q, kv)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_nesting_out_proj_alone_takes_effect():
+    """Nesting only attn.out_proj used to be accepted and ignored (MultiheadAttention reads the raw weight)."""
+    torch.manual_seed(0)
+    dense = Attention().eval()
+    nested = tnn.nest(dense, {"attn.out_proj": [1.0, 0.1]})
+    assert isinstance(nested.module.attn, tnn.NestedMultiheadAttention)
+    q, kv = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    with torch.no_grad():
+        outs = [nested(q, kv, level=torch.tensor(level))[0] for level in range(2)]
+        torch.testing.assert_close(outs[1], _stock_at(dense, nested, 1)(q, kv)[0])
+    assert not torch.allclose(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_nested_encoder_layer_matches_the_stock_fast_path(norm_first):
+    """In eval under no_grad the stock encoder layer takes PyTorch's fast path (raw weights); the nested
+    one runs the reference path with masked weights: they agree at every level."""
+    torch.manual_seed(0)
+    dense = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first).eval()
+    nested = tnn.nest(nn.Sequential(dense), {"0.self_attn": DENSITIES, "0.linear1": DENSITIES, "0.linear2": DENSITIES})
+    assert type(nested.module[0]) is tnn.NestedTransformerEncoderLayer
+    x = torch.randn(2, 5, 8)
+    outs = []
+    for level in range(L):
+        with torch.no_grad():
+            got = nested(x, level=torch.tensor(level))
+            want = _stock_at(nn.Sequential(dense), nested, level)(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        outs.append(got)
+    assert not torch.allclose(outs[0], outs[-1])
+
+
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (nn.Conv3d(2, 4, 3), "Conv3d cannot be nested yet"),
+        (nn.ConvTranspose2d(2, 4, 3), "ConvTranspose2d cannot be nested yet"),
+        (nn.LayerNorm(4), "LayerNorm: cannot nest"),
+    ],
+    ids=["conv3d", "conv_transpose2d", "layernorm"],
+)
+def test_nest_refuses_layers_without_a_kernel(layer, match):
+    with pytest.raises(TypeError, match=match):
+        tnn.nest(nn.Sequential(layer), {"0": DENSITIES})
+
+
+def test_nested_conv1d_circular_equals_masked_dense():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular", groups=1)).eval()
+    nested = tnn.nest(dense, {"0": DENSITIES})
+    assert isinstance(nested.module[0], tnn.NestedConv1d)
+    x = torch.randn(2, 3, 7)
+    for level in range(L):
+        with torch.no_grad():
+            torch.testing.assert_close(nested(x, level=torch.tensor(level)), _stock_at(dense, nested, level)(x))

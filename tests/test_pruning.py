@@ -18,6 +18,7 @@ from tvm_nested.authoring.pruning import (
     levelmaps_from_prune,
     nest_pruned,
     nested_levelmaps,
+    prunable_weights,
     prune_model,
     weights_of,
 )
@@ -213,3 +214,60 @@ def test_prune_model_and_level_stats():
     # conv: 36 output positions per weight, linear: 1
     dense_f = 36 * 36 + 144 * 5
     assert stats[2]["flops"] == pytest.approx((36 * round(0.1 * 36) + round(0.1 * 720)) / dense_f)
+
+
+class _Seq(nn.Module):
+    """An LSTM over a sequence, a Conv3d (no nested kernel yet) and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6, bidirectional=True)
+        self.vol = nn.Conv3d(1, 1, 1)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][-1]) + self.vol(x[None, None]).mean()
+
+
+def test_prune_model_nests_recurrent_matrices_and_counts_them_per_step():
+    torch.manual_seed(0)
+    model = _Seq().eval()
+    names = [n for n, _, _ in prunable_weights(model)]
+    assert names == [
+        "rnn.weight_ih_l0",
+        "rnn.weight_hh_l0",
+        "rnn.weight_ih_l0_reverse",
+        "rnn.weight_hh_l0_reverse",
+        "head",
+    ]
+    with pytest.warns(UserWarning, match=r"prune_model: vol stay dense \(no nested kernel for Conv3d yet\)"):
+        nested = prune_model(model, PruningConfig(densities=(1.0, 0.5)))
+    assert [w.name for w in nested.nested_weights()] == names
+    x = torch.randn(5, 2, 4)  # 5 steps, batch 2: every recurrent matrix is used on 10 rows
+    stats = level_stats(nested, x)
+    sizes = {n: a.size for n, a in weights_of(model).items()}
+    uses = {n: (2 if n == "head" else 10) for n in sizes}
+    dense_f = sum(uses[n] * sizes[n] for n in sizes)
+    assert stats[1]["flops"] == pytest.approx(sum(uses[n] * round(0.5 * sizes[n]) for n in sizes) / dense_f)
+    assert stats[1]["layers"]["rnn.weight_hh_l0"] == pytest.approx(0.5)
+
+
+def test_nest_exported_nests_conv1d_and_names_the_recurrent_op_it_leaves_dense():
+    from tvm_nested.authoring.torch_nest import nest_exported
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+            self.rnn = nn.GRU(4, 5)
+
+        def forward(self, x):
+            return self.rnn(self.conv(x).permute(2, 0, 1))[0]
+
+    torch.manual_seed(0)
+    ep = torch.export.export(Net().eval(), (torch.randn(1, 3, 6),))
+    with pytest.warns(UserWarning, match=r"aten.gru.input keep dense weights"):
+        nested = nest_exported(ep, PruningConfig(densities=(0.5, 0.25)))
+    x = torch.randn(1, 3, 6)
+    full, half = (nested.module()(x, level=torch.tensor(lvl)) for lvl in (0, 1))
+    assert not torch.allclose(full, half), "the conv1d follows the level"

@@ -8,6 +8,8 @@ run in a subprocess with a time-out.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -79,6 +81,35 @@ def hanging_board():
     for conn in held:
         conn.close()
     server.close()
+
+
+@pytest.fixture
+def rpc_server(tmp_path):
+    """A real TVM RPC server for this machine on 127.0.0.1 (a board that runs x86 code), in its own
+    process group: (port, process group id, its log)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "rpc_server.log"
+    cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [*cmd, "--port-end", str(port + 1)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the RPC server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        yield port, server.pid, log
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the server and the workers serving its sessions
+        server.wait()
 
 
 def _python(code: str, *args, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -193,3 +224,58 @@ def test_bounded_runner_stops_on_the_first_stalled_measurement():
 def test_rpc_settings_check_the_timeout():
     with pytest.raises(ValueError, match="session_timeout"):
         RPCSettings(host="127.0.0.1", port=9090, session_timeout=0)
+
+
+_FREEZE = """
+import os, signal, sys, time
+import numpy as np, tvm
+from tvm_nested.runtime.rpc import abandon, connect
+session = connect(("127.0.0.1", int(sys.argv[1])), timeout=30, session_timeout=2)
+held = [tvm.runtime.tensor(np.ones(4, "float32"), session.cpu()) for _ in range(5)]
+os.killpg(int(sys.argv[2]), signal.SIGSTOP)  # the board hangs in the middle of the session
+t0 = time.monotonic()
+try:
+    held[0].numpy()
+except Exception as err:
+    print(f"failed after {time.monotonic() - t0:.1f}s")
+    abandon(session)
+t0 = time.monotonic()
+del held, session
+print(f"dropped after {time.monotonic() - t0:.1f}s")
+"""
+
+
+def test_a_board_that_freezes_in_a_call_fails_within_the_session_timeout(rpc_server):
+    """TVM's client waits for every answer without a time-out: a board that hung mid-session (not
+    at connect) blocked the caller for ever. With session_timeout it fails after that much
+    silence, and an abandoned session's remote objects go without waiting once more each."""
+    port, group, _ = rpc_server
+    try:
+        out = _python(_FREEZE, port, group, timeout=120)
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-2000:])
+    failed, dropped = (float(line.split()[-1].rstrip("s")) for line in out.stdout.split("\n")[:2])
+    assert 2 <= failed < 8 and dropped < 1, out.stdout
+
+
+def test_tuning_several_nested_kernels_on_a_board(rpc_server, tmp_path):
+    """Candidates of the second kernel were uploaded under the names of the first one's, which the
+    board had loaded: its server died in dlsym and tuning failed ('code=kShutdown'). One session
+    per candidate also keeps the board's session_timeout a bound on one measurement."""
+    import torch
+    from torch import nn
+
+    import tvm_nested
+    from tvm_nested.authoring import nn as tnn
+
+    port, _, log = rpc_server
+    model = tnn.nest(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)).eval(), {"0": (0.5, 0.25), "1": (0.5, 0.25)})
+    mod = tvm_nested.from_torch(model.eval(), (torch.ones(1, 16),), {"level": torch.tensor(0)})
+    runner = RPCSettings(host="127.0.0.1", port=port, session_timeout=30)
+    report = tvm_nested.tune(mod, "llvm", tmp_path / "log", max_trials=3, progress=False, runner=runner)
+    assert len(report.nested) == 2, str(report)
+    for kernel in report.nested:
+        assert kernel.trials == 3 and len(kernel.level_seconds) == 2 and all(s > 0 for s in kernel.level_seconds)
+    text = log.read_text()
+    assert "Segfault" not in text and text.count("connected from") == 6  # a session per candidate

@@ -45,6 +45,8 @@ import sys, threading, numpy as np, tvm_nested
 rt = tvm_nested.load(sys.argv[1])
 x = np.random.default_rng(0).standard_normal((2, 32)).astype("float32")
 ref = [rt.run(x, level=lvl)[0] for lvl in range(rt.num_levels)]
+calls = lambda: {row.function: row.calls for row in rt.profile(x, level=0, repeat=5).rows}
+solo = calls()
 failures = []
 def work(k):
     try:
@@ -52,6 +54,8 @@ def work(k):
             lvl = (i + k) % rt.num_levels
             if i % 50 == 0:
                 rt.time(x, level=lvl, number=1, repeat=1)
+            if k == 0 and i % 10 == 5 and calls() != solo:
+                failures.append((k, i, "the profile counted other threads' calls"))
             if not np.array_equal(rt.run(x, level=lvl)[0], ref[lvl]):
                 failures.append((k, i, "wrong output"))
     except Exception as err:
@@ -66,7 +70,8 @@ sys.exit(1 if failures else 0)
 
 def test_one_runtime_shared_by_four_threads(tiny_so):
     """Unlocked, this crashed (SIGSEGV, 'malloc(): unaligned tcache chunk') or raised
-    'reg < frame->register_file.size()'; calls through one runtime are serialised."""
+    'reg < frame->register_file.size()'; calls through one runtime are serialised (a profile too:
+    it instrumented and counted the calls other threads made meanwhile)."""
     out = _python(_THREADS, tiny_so)
     assert out.returncode == 0, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
     assert "failures []" in out.stdout

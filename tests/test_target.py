@@ -75,3 +75,34 @@ def test_canonical_distinguishes_whole_target():
     a = canonical("llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-a72")
     b = canonical("llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-a76")
     assert a != b and canonical({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}) == a
+
+
+@pytest.mark.parametrize(
+    "target, triple",
+    [
+        ("llvm -mcpu=nosuchcpu", "x86_64"),
+        ("llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-z99", "aarch64-linux-gnu"),
+        ("llvm -mcpu=cortex-z99", "aarch64-linux-gnu"),  # an ARM-looking name gets the ARM triple
+        ({"kind": "llvm", "mtriple": "aarch64", "mcpu": "bogus"}, "aarch64-linux-gnu"),
+        ('{"kind": "llvm", "mcpu": "bogus"}', "x86_64"),
+    ],
+    ids=["x86", "aarch64", "arm-name", "dict", "json"],
+)
+def test_an_unknown_cpu_is_refused_before_tvm_sees_it(target, triple, capfd):
+    """LLVM compiled for a generic CPU and the CLI exited 0 (TVM only logged 'Error' for aarch64)."""
+    with pytest.raises(ValueError, match=rf"is not a CPU LLVM knows for {triple}.*generic CPU\); known: "):
+        parse_target(target)
+    assert capfd.readouterr().err == ""  # one error, not TVM's log line before it
+
+
+@pytest.mark.parametrize("triple", ["nonsense", "foo-linux-gnu"])
+def test_a_triple_llvm_has_no_target_for_is_refused(triple):
+    """Building for it crashed the process (SIGSEGV in LLVM)."""
+    with pytest.raises(ValueError, match=rf"-mtriple={triple}: LLVM has no target for it"):
+        parse_target(f"llvm -mtriple={triple}")
+
+
+@pytest.mark.parametrize("triple", ["armv7l-linux-gnueabihf", "i686-linux-gnu", "riscv64-linux-gnu"])
+def test_triples_llvm_knows_pass(triple, capfd):
+    assert str(parse_target(f"llvm -mtriple={triple}").attrs["mtriple"]) == triple
+    assert capfd.readouterr().err == ""

@@ -21,6 +21,7 @@ from tvm_nested.authoring.training import (
     export_torch,
     nested_loss,
     pick_levels,
+    train_dense,
     train_nested,
 )
 
@@ -144,6 +145,22 @@ def test_short_training_improves_every_level():
         assert after[lvl] > before[lvl] + 0.3, (lvl, before, after)
 
 
+@pytest.mark.filterwarnings("error")  # torch warned on every run that the bar read a loss needing grad
+def test_training_shows_one_tqdm_bar(capsys):
+    """The hand-written bar went the way of tune's: one tqdm bar per phase on stderr (steps done of
+    the total, time left, the last loss), nothing on stdout."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    model = prune_model(digits_cnn(width=4, seed=0), PruningConfig(densities=(0.5, 0.25)))
+    cfg = TrainConfig(epochs=2, batch_size=32, seed=0)
+    train_dense(digits_cnn(width=4, seed=0), (x, y), cfg, progress=True)
+    train_nested(model, (x, y), cfg, progress=True)
+    out = capsys.readouterr()
+    assert out.out == ""
+    for phase in ("dense", "nested"):
+        assert f"{phase}: 100%" in out.err and "4/4 [" in out.err and "step/s, loss=" in out.err, out.err
+
+
 @pytest.fixture(scope="module")
 def trained_small():
     torch.manual_seed(0)
@@ -226,3 +243,31 @@ def test_compiled_roundtrip(trained_small, tmp_path, via):
         (got,) = rt.run(x.numpy(), level=level)
         want = model(x, level=torch.tensor(level)).detach().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pruned_recurrent_weights_stay_zero_while_training():
+    torch.manual_seed(0)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.GRU(6, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    model = prune_model(Tagger(), PruningConfig(densities=(0.5, 0.25)))
+    x, y = torch.randn(16, 4, 6), torch.randint(0, 3, (16,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    guard = PrunedStayZero(model, optimizer)
+    before = {w.name: w.weight.detach().clone() for w in model.nested_weights()}
+    for _ in range(3):
+        loss, _ = nested_loss(model, x, y, [0, 1])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    guard.remove()
+    for w in model.nested_weights():
+        pruned = w.level_map < 0
+        assert (w.weight[pruned] == 0).all(), w.name
+        assert not torch.equal(w.weight[~pruned], before[w.name][~pruned]), f"{w.name} trains"

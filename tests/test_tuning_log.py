@@ -354,6 +354,43 @@ def test_a_read_only_log_serves_builds(log):
     assert opened and all(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND) == 0 for _, flags in opened)
 
 
+_READ = """
+import sys, warnings, tvm_nested
+from tvm_nested.schedules import tuning_log as tl
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    db = tl.database(tl.check(sys.argv[1], tvm_nested.parse_target("llvm")))
+print(len(db.get_all_tuning_records()), [str(w.message) for w in caught])
+"""
+# root writes through any mode bits: its reader sees the log on a read-only bind mount of its own
+_READ_ONLY_MOUNT = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+
+
+def test_a_read_only_log_with_a_torn_tail_serves_builds(log):
+    """`build` moved a torn tail to a `.torn` file in the log: a read-only log failed with
+    'OSError: Read-only file system: ...json.torn'. Here the log is read-only for the reader (a
+    read-only mount for root, no write bits otherwise) and its records are still used."""
+    with open(log / tl.RECORD_FILE, "ab") as f:
+        f.write(b"\n[1, [")  # a blank line and a torn tail
+    before = _digest(log)
+    cmd = [sys.executable, "-c", textwrap.dedent(_READ), str(log)]
+    if os.geteuid() == 0:
+        cmd = ["unshare", "--mount", "sh", "-c", _READ_ONLY_MOUNT, str(log), *cmd]
+    else:
+        for path in [log, *log.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        for path in [log, *log.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    if out.returncode != 0 and out.stderr.startswith(("unshare:", "mount:")):
+        pytest.skip(f"no read-only mount here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("6 ") and "line 7: blank line" in out.stdout and "line 8: incomplete" in out.stdout
+    assert _digest(log) == before and not list(log.glob("*.torn"))
+
+
 def test_open_for_tuning_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "mine.txt").write_text("x")
     with pytest.raises(tl.TuningLogError, match="not a tvm_nested tuning log"):

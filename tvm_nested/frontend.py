@@ -22,9 +22,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from .contract import LEVEL, LEVEL_DTYPE, dtype_of
+from .relay_passes import BroadcastNonFiniteFull, NormalizeTakeIndices
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +135,28 @@ def check_level_input(model, shape_dict: Mapping | None = None) -> None:
         )
 
 
+# ONNX operators TVM 0.27's Relax frontend cannot import, with the route that does work
+_NO_ONNX_CONVERTER = {
+    op: (
+        "nest the PyTorch model (tvm_nested.nn.nest or pruning.prune_model: nn.LSTM / nn.GRU become "
+        "step-by-step recurrences of nested matmuls) and import it with tvm_nested.from_torch, or export "
+        "that nested model to ONNX (its recurrence exports as MatMul / Gemm)"
+    )
+    for op in ("LSTM", "GRU", "RNN")
+}
+
+
+def check_onnx_ops(model) -> None:
+    """Refuse, naming the op, the node and the route that works, a model using an operator TVM 0.27's
+    ONNX frontend has no converter for."""
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in _NO_ONNX_CONVERTER:
+            raise ValueError(
+                f"from_onnx: node {node.name or node.output[0]!r} is an ONNX {node.op_type}, which TVM's ONNX "
+                f"frontend cannot import; {_NO_ONNX_CONVERTER[node.op_type]}"
+            )
+
+
 def from_onnx(
     model_or_path, shape_dict: Mapping[str, Sequence] | None = None, dtype_dict: Mapping[str, str] | None = None
 ):
@@ -149,6 +173,7 @@ def from_onnx(
         raise ValueError(f"shape_dict must be a mapping from input name to shape, got {type(shape_dict).__name__}")
     if dtype_dict is not None and not isinstance(dtype_dict, Mapping):
         raise ValueError(f"dtype_dict must be a mapping from input name to dtype, got {type(dtype_dict).__name__}")
+    check_onnx_ops(model)
     check_level_input(model, shape_dict)
     model = upgrade_onnx(model)
 
@@ -181,7 +206,7 @@ def from_onnx(
     if np.dtype(dtypes[LEVEL]).kind not in "iu":
         raise ValueError(f"dtype_dict gives {LEVEL!r} the dtype {dtypes[LEVEL]!r}; the level is an integer")
 
-    mod = _tvm_from_onnx(model, shape_dict=shapes, dtype_dict=dtypes)
+    mod = _fixed(_tvm_from_onnx(model, shape_dict=shapes, dtype_dict=dtypes))
     _check_level_param(mod, "from_onnx")
     return mod
 
@@ -320,7 +345,7 @@ def from_torch(module, example_args, example_kwargs=None):
 
     if isinstance(module, torch.export.ExportedProgram):
         with quiet_torch():
-            mod = from_exported_program(module)
+            mod = _fixed(from_exported_program(module))
         _check_level_param(mod, "from_torch")
         return mod
     if not isinstance(module, torch.nn.Module):
@@ -331,12 +356,18 @@ def from_torch(module, example_args, example_kwargs=None):
     module.eval()
     with torch.no_grad(), quiet_torch():
         ep = torch.export.export(module, args, kwargs)
-        mod = from_exported_program(ep)
+        mod = _fixed(from_exported_program(ep))
     _check_level_param(mod, "from_torch")
     return mod
 
 
 # ------------------------------------------------------------------------------------------- shared
+def _fixed(mod):
+    """What TVM 0.27's frontends produce, with the ops it would miscompile rewritten (x[-1] read out
+    of bounds; full(-inf) that does not legalize): the returned module runs right under tvm.compile."""
+    return tvm.transform.Sequential([NormalizeTakeIndices(), BroadcastNonFiniteFull()])(mod)
+
+
 def _check_level_param(mod, who: str) -> None:
     """The imported ``main`` must take a 0-d integer ``level`` (a frozen level would kill the knob)."""
     params = mod["main"].params
@@ -357,6 +388,7 @@ __all__ = [
     "MIN_ONNX_OPSET",
     "ONNX_OPSET",
     "check_level_input",
+    "check_onnx_ops",
     "from_onnx",
     "from_torch",
     "graph_inputs",

@@ -32,10 +32,12 @@ from .relay_passes import (
     AddStageTimer,
     ApplyTuningLog,
     AttachMetadata,
+    BroadcastNonFiniteFull,
     FoldBatchNorm,
     FuseEpilogue,
     LevelGuard,
     LowerNestedLayers,
+    NormalizeTakeIndices,
     ReportUnscheduled,
     ScheduleKernels,
     SpecializeKernels,
@@ -81,7 +83,8 @@ def phases(
     if latency_table is not None and stages is None:
         raise ValueError("a latency table needs stages: build(..., stages=K, latency_table=table)")
     return [
-        # Phase 1: graph. Casts of constant level maps folded; ONNX Sum (stack + sum) back to adds;
+        # Phase 1: graph. Frontend fixes (x[-1] read out of bounds, full(-inf) that does not
+        # legalize); casts of constant level maps folded; ONNX Sum (stack + sum) back to adds;
         # inference BatchNorm folded into the
         # conv before it (its weight is what gets packed); nested layers -> call_tir of a kernel
         # taking the level, weights packed once ("nested.info"); residual adds and activations
@@ -89,6 +92,8 @@ def phases(
         (
             "graph",
             [
+                NormalizeTakeIndices(),
+                BroadcastNonFiniteFull(),
                 relax.transform.FoldConstant(),
                 SumToAdd(),
                 FoldBatchNorm(),

@@ -98,28 +98,44 @@ def _normalise(d: dict) -> dict:
     return d
 
 
-def _check_cpu(target: Target) -> Target:
+def _check_cpu(spec: dict) -> dict:
     """LLVM prints "'x' is not a recognized processor (ignoring processor)" and compiles for a generic
-    CPU: an unknown ``-mcpu`` is refused here, with the names LLVM knows for the triple."""
-    if target.kind.name != "llvm" or "mcpu" not in target.attrs:
-        return target
-    cpu = str(target.attrs["mcpu"])
-    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    CPU: an unknown ``-mcpu`` is refused here, with the names LLVM knows for the triple, before TVM
+    sees it (TVM logs its own "Error: ... using default -mcpu=generic" for some triples). A triple
+    LLVM has no target for is refused too: building for it crashed the process (SIGSEGV)."""
+    if spec.get("kind") != "llvm":
+        return spec
+    triple = str(spec.get("mtriple") or codegen.llvm_get_system_triple())
+    # the probe logs TVM's "Error" line for a triple it rejects: only names LLVM does not list go there
+    if triple.split("-")[0] not in codegen.llvm_get_targets() and not codegen.llvm_is_valid_cpu("generic", triple):
+        raise ValueError(
+            f"-mtriple={triple}: LLVM has no target for it (its architecture comes first, e.g. "
+            f"aarch64-linux-gnu, x86_64-linux-gnu, armv7l-linux-gnueabihf, riscv64-linux-gnu)"
+        )
+    if not spec.get("mcpu"):
+        return spec
+    cpu = str(spec["mcpu"])
     if not codegen.llvm_is_valid_cpu(cpu, triple):
         known = sorted(set(codegen.llvm_get_cpu_archlist(Target({"kind": "llvm", "mtriple": triple}))))
         raise ValueError(
             f"-mcpu={cpu} is not a CPU LLVM knows for {triple} (it would compile for a generic CPU); "
             f"known: {', '.join(known[:40])}{' ...' if len(known) > 40 else ''}"
         )
+    return spec
+
+
+def _checked(target: Target) -> Target:
+    attrs = {k: target.attrs[k] for k in ("mcpu", "mtriple") if k in target.attrs}
+    _check_cpu({"kind": target.kind.name, **attrs})
     return target
 
 
 def parse_target(target) -> Target:
     """Any target form users know -> ``tvm.target.Target`` (see module docstring)."""
     if isinstance(target, Target):
-        return _check_cpu(target)
+        return _checked(target)
     if isinstance(target, dict):
-        return _check_cpu(Target(_normalise(target)))
+        return Target(_check_cpu(_normalise(target)))
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"target must be a string, dict or tvm.target.Target, got {target!r}")
     text = target.strip()
@@ -128,12 +144,12 @@ def parse_target(target) -> Target:
             spec = json.loads(text)
         except ValueError as err:
             raise ValueError(f"target {text!r} is not valid JSON: {err}") from err
-        return _check_cpu(Target(_normalise(spec)))
+        return Target(_check_cpu(_normalise(spec)))
     if text in BOARD_PRESETS:
         return Target(dict(BOARD_PRESETS[text]))
     if text in _tags():
-        return _check_cpu(Target(text))
-    return _check_cpu(Target(_normalise(_parse_classic(text))))
+        return _checked(Target(text))
+    return Target(_check_cpu(_normalise(_parse_classic(text))))
 
 
 def canonical(target) -> str:

@@ -138,6 +138,7 @@ def test_tiny_linear_packed_by_hand():
                 "payload_bytes": 6 * 4 + 6 * 1 + 3 * 4 + 4 * 1,  # values, col, row_ptr, level_len
                 "csr_bytes": 6 * 4 + 6 * 4 + 3 * 4,  # the yardstick: fp32 values, int32 cols and rows
                 "dense_bytes": 2 * 4 * 4,
+                "calls": 1,  # call sites of this one weight (a recurrent matrix: one per time step)
                 "kernel": "nested_linear",
             }
         ],

@@ -26,6 +26,7 @@ from .levelmap import check_levelmap, levelmap_by_magnitude, levelmap_from_masks
 logger = logging.getLogger(__name__)
 
 NESTABLE_OPS = ("Conv", "Gemm", "MatMul")
+UNNESTED_WEIGHT_OPS = ("LSTM", "GRU", "RNN", "ConvTranspose")  # weights nest_onnx leaves dense (no kernel)
 LEVELMAP_SUFFIX = "__levelmap"
 
 
@@ -142,6 +143,13 @@ def nest_onnx(
         chosen = {k: levelmap_by_magnitude(inits[k], densities) for k in names}
     if not chosen:
         logger.warning("nest_onnx: no layer selected; the model gets a level input that nothing reads")
+    dense = [f"{n.op_type} {n.name or n.output[0]!r}" for n in g.node if n.op_type in UNNESTED_WEIGHT_OPS]
+    if dense:
+        logger.warning(
+            "nest_onnx: %s keep dense weights (no nested kernel for them in ONNX; nest LSTM / GRU models "
+            "in PyTorch with tvm_nested.nn.nest and import them with from_torch)",
+            ", ".join(dense),
+        )
 
     taken = (
         {n for node in g.node for n in list(node.input) + list(node.output)}

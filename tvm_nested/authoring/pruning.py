@@ -24,6 +24,7 @@ are not nested are refused, naming the layer and the level (``levelmap.NestingEr
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from .levelmap import NestingError, check_levelmap, levelmap_from_masks
-from .nn import NESTED_TYPES, NestedModel, nest
+from .nn import NESTED_TYPES, UNSUPPORTED_TYPES, NestedModel, layer_weights, nest, weight_name
 
 SCOPES = ("layer", "global")
 
@@ -135,19 +136,26 @@ def levelmap_structured(
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``nn.Conv2d`` / ``nn.Linear`` submodules (nested ones included), in definition order."""
+    """Layers with weights that can be nested (Conv1d/2d, Linear, LSTM, GRU, MultiheadAttention; nested
+    ones included), in definition order."""
     root = model.module if isinstance(model, NestedModel) else model
-    return [(n, m) for n, m in root.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [(n, m) for n, m in root.named_modules() if layer_weights(m)]
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(weight name, layer, parameter)`` of every weight that can be nested, in definition order: a
+    one-weight layer's weight is named like the layer, the others ``layer.param`` (``rnn.weight_hh_l0``)."""
+    return [(weight_name(n, m, p), m, p) for n, m in prunable_layers(model) for p in layer_weights(m)]
 
 
 def weights_of(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """``{layer name: weight as NumPy}`` for the prunable layers (or the ones named)."""
-    layers = dict(prunable_layers(model))
-    names = list(layers) if names is None else list(names)
-    missing = [n for n in names if n not in layers]
+    """``{weight name: weight as NumPy}`` for the prunable weights (or the ones named)."""
+    weights = {n: getattr(m, p) for n, m, p in prunable_weights(model)}
+    names = list(weights) if names is None else list(names)
+    missing = [n for n in names if n not in weights]
     if missing:
-        raise KeyError(f"not a Conv2d/Linear layer of the model: {missing}")
-    return {n: layers[n].weight.detach().cpu().numpy() for n in names}
+        raise KeyError(f"not a prunable weight of the model: {missing} (prunable: {list(weights)[:12]})")
+    return {n: weights[n].detach().cpu().numpy() for n in names}
 
 
 def nested_levelmaps(
@@ -222,7 +230,16 @@ def _global(ws, free, d, config, prev, total, fixed_maps) -> dict[str, np.ndarra
 
 
 def prune_model(model: nn.Module, config: PruningConfig, *, layers: Sequence[str] | None = None) -> NestedModel:
-    """A nested copy of a dense model: its ``Conv2d`` / ``Linear`` layers (or ``layers``) get level maps."""
+    """A nested copy of a dense model: every prunable weight (``prunable_weights``; or the ones named in
+    ``layers``) gets a level map. Layers no nested kernel serves yet (Conv3d, ConvTranspose) stay dense,
+    with a warning naming them."""
+    dense = [n for n, m in model.named_modules() if isinstance(m, UNSUPPORTED_TYPES)]
+    if dense and layers is None:
+        warnings.warn(
+            f"prune_model: {', '.join(dense)} stay dense (no nested kernel for "
+            f"{', '.join(sorted({type(model.get_submodule(n)).__name__ for n in dense}))} yet)",
+            stacklevel=2,
+        )
     return nest(model, nested_levelmaps(weights_of(model, layers), config))
 
 
@@ -234,14 +251,14 @@ def update_levelmaps_(
     Units already pruned everywhere rank last (progressive pruning does not revive them); weights
     pruned everywhere are zeroed. Returns the new maps.
     """
-    layers = dict(model.nested_layers())
-    ws = {n: m.weight.detach().cpu().numpy() for n, m in layers.items()}
-    prev = {n: m.level_map.cpu().numpy() for n, m in layers.items()}
+    weights = {w.name: w for w in model.nested_weights()}
+    ws = {n: w.weight.detach().cpu().numpy() for n, w in weights.items()}
+    prev = {n: w.level_map.cpu().numpy() for n, w in weights.items()}
     maps = nested_levelmaps(ws, config, densities=densities, previous=prev)
     with torch.no_grad():
-        for n, m in layers.items():
-            m.level_map.copy_(torch.from_numpy(maps[n]))
-            m.weight.mul_((m.level_map >= 0).to(m.weight.dtype))
+        for n, w in weights.items():
+            w.level_map.copy_(torch.from_numpy(maps[n]))
+            w.weight.mul_((w.level_map >= 0).to(w.weight.dtype))
     return maps
 
 
@@ -258,7 +275,7 @@ def prune_masks(module: nn.Module) -> dict[str, np.ndarray]:
     return {
         n: m.weight_mask.detach().cpu().numpy().astype(bool)
         for n, m in module.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and hasattr(m, "weight_mask") and hasattr(m, "weight_orig")
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and hasattr(m, "weight_mask") and hasattr(m, "weight_orig")
     }
 
 
@@ -324,15 +341,19 @@ def _effective_orig(layer: nn.Module) -> torch.Tensor:
 
 
 def level_stats(model: NestedModel, *example_inputs) -> list[dict]:
-    """Per level: fraction of the prunable weights kept and of the Conv/Linear multiply-adds done.
+    """Per level: fraction of the prunable weights kept and of their multiply-adds done.
 
-    FLOPs are counted as multiply-adds of every ``Conv2d`` / ``Linear`` (nested or not) for one
-    forward pass of ``example_inputs``: output positions x non-zero weights.
+    Multiply-adds are counted for every prunable weight (nested or not) over one forward pass of
+    ``example_inputs``: uses x non-zero weights, a use being an output position of a conv, a row of a
+    linear, a time step x batch row of a recurrent matrix, a query token of an attention projection
+    (exact for self-attention).
     """
-    positions = {}
+    weights = prunable_weights(model)
+    uses = {}
+    modules = {id(m): m for _, m, _ in weights}
     hooks = [
-        m.register_forward_hook(lambda mod, i, o, n=n: positions.__setitem__(n, _positions(mod, o)))
-        for n, m in prunable_layers(model)
+        m.register_forward_hook(lambda mod, i, o: uses.__setitem__(id(mod), _uses_per_weight(mod, i, o)))
+        for m in modules.values()
     ]
     try:
         with torch.no_grad():
@@ -340,34 +361,36 @@ def level_stats(model: NestedModel, *example_inputs) -> list[dict]:
     finally:
         for h in hooks:
             h.remove()
-    layers = prunable_layers(model)
-    dense_w = sum(m.weight.numel() for _, m in layers)
-    dense_f = sum(positions[n] * m.weight.numel() for n, m in layers)
+    numel = {n: getattr(m, p).numel() for n, m, p in weights}
+    dense_w = sum(numel.values())
+    dense_f = sum(uses.get(id(m), 0) * numel[n] for n, m, _ in weights)
     out = []
     for lvl in range(model.num_levels):
-        kept = {n: int(_kept(m, lvl)) for n, m in layers}
+        kept = {n: _kept(m, p, lvl) for n, m, p in weights}
         out.append(
             {
                 "level": lvl,
                 "weights": sum(kept.values()) / dense_w,
-                "flops": sum(positions[n] * kept[n] for n, _ in layers) / dense_f,
-                "layers": {n: kept[n] / m.weight.numel() for n, m in layers},
+                "flops": sum(uses.get(id(m), 0) * kept[n] for n, m, _ in weights) / dense_f,
+                "layers": {n: kept[n] / numel[n] for n in kept},
             }
         )
     return out
 
 
-def _positions(mod: nn.Module, out: torch.Tensor) -> int:
-    """Output positions per weight use: OH*OW per sample for conv (x groups folded in), rows for linear."""
-    if isinstance(mod, nn.Conv2d):
-        return int(out.shape[-1] * out.shape[-2]) * int(out.shape[0])
-    return int(np.prod(out.shape[:-1]))
+def _uses_per_weight(mod: nn.Module, inputs, out) -> int:
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return int(out.shape[0] * np.prod(out.shape[2:]))
+    if isinstance(mod, nn.Linear):
+        return int(np.prod(out.shape[:-1]))
+    x = inputs[0]  # recurrent: (T, B, I) or (T, I); attention: the query
+    return int(x.numel() // x.shape[-1])
 
 
-def _kept(m: nn.Module, lvl: int) -> int:
-    if isinstance(m, NESTED_TYPES):
-        return int((m.level_map >= lvl).sum())
-    return m.weight.numel()
+def _kept(m: nn.Module, param: str, lvl: int) -> int:
+    if isinstance(m, NESTED_TYPES) and param in m.nested_params:
+        return int((m.level_map_of(param) >= lvl).sum())
+    return getattr(m, param).numel()
 
 
 def _as_numpy(x) -> np.ndarray:

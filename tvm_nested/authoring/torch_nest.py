@@ -1,5 +1,7 @@
-"""Nest a dense ``torch.export`` program: every conv2d / linear with a parameter weight computes with
-``weight * (level_map >= level)``, ``level`` a new last input (``tvm-nested nest model.pt2``).
+"""Nest a dense ``torch.export`` program: every conv1d / conv2d / linear with a parameter weight computes
+with ``weight * (level_map >= level)``, ``level`` a new last input (``tvm-nested nest model.pt2``).
+Weight-bearing ops without a nested form here (``lstm``, ``gru``, ``conv3d``, transposed convolutions)
+stay dense with a warning naming them: nest those models in PyTorch (``tvm_nested.nn.nest``).
 
 ``torch.export`` is chosen over TorchScript because it is what ``tvm_nested.from_torch`` consumes
 (Relax's ``from_exported_program``), it loads without the user's Python classes, and TorchScript is
@@ -8,6 +10,8 @@ dimensions are not kept).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.fx
@@ -18,14 +22,21 @@ from .pruning import PruningConfig, nested_levelmaps
 
 
 def nest_exported(ep: torch.export.ExportedProgram, config: PruningConfig) -> torch.export.ExportedProgram:
-    """A nested copy of a dense ``torch.export`` program: every ``conv2d`` / ``linear`` whose weight
+    """A nested copy of a dense ``torch.export`` program: every ``conv1d`` / ``conv2d`` / ``linear`` whose weight
     is a parameter computes with ``weight * (level_map >= level)``; ``level`` is a new last input."""
     gm = ep.module()
     g = gm.graph
-    layer_ops = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+    layer_ops = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
     uses = [n for n in g.nodes if n.op == "call_function" and n.target in layer_ops and n.args[1].op == "get_attr"]
+    dense = sorted({str(n.target) for n in g.nodes if n.op == "call_function" and _dense_only(n.target)})
+    if dense:
+        warnings.warn(
+            f"nest_exported: {', '.join(dense)} keep dense weights (no nested form for them in an exported "
+            "program; nest the PyTorch model with tvm_nested.nn.nest instead)",
+            stacklevel=2,
+        )
     if not uses:
-        raise ValueError("no conv2d/linear with a parameter weight found in the exported program")
+        raise ValueError("no conv1d/conv2d/linear with a parameter weight found in the exported program")
     weights = {}
     for n in uses:
         weights[n.args[1].target.rpartition(".")[0] or n.args[1].target] = gm.get_parameter(n.args[1].target)
@@ -56,6 +67,11 @@ def nest_exported(ep: torch.export.ExportedProgram, config: PruningConfig) -> to
     g.lint()
     plain = _OutputsAsBefore(torch.fx.GraphModule(gm, g), ep.call_spec.out_spec)  # no input-spec hooks
     return torch.export.export(plain, tuple(examples), {LEVEL: torch.tensor(0, dtype=torch.int64)})
+
+
+def _dense_only(target) -> bool:
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0] in ("lstm", "gru", "rnn_tanh", "rnn_relu", "conv3d") or name.startswith("conv_transpose")
 
 
 class _OutputsAsBefore(torch.nn.Module):

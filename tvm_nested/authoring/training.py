@@ -112,8 +112,8 @@ class PrunedStayZero:
         self.model = model
         self.optimizer = optimizer
         self._handles = []
-        for _, m in model.nested_layers():
-            self._handles.append(m.weight.register_hook(lambda g, m=m: g * (m.level_map >= 0).to(g.dtype)))
+        for w in model.nested_weights():
+            self._handles.append(w.weight.register_hook(lambda g, w=w: g * (w.level_map >= 0).to(g.dtype)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply()))
         self.apply()
@@ -121,14 +121,15 @@ class PrunedStayZero:
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned weights, their gradients and their optimizer state now."""
-        for _, m in self.model.nested_layers():
-            keep = (m.level_map >= 0).to(m.weight.dtype)
-            m.weight.mul_(keep)
-            if m.weight.grad is not None:
-                m.weight.grad.mul_(keep)
+        for w in self.model.nested_weights():
+            weight = w.weight
+            keep = (w.level_map >= 0).to(weight.dtype)
+            weight.mul_(keep)
+            if weight.grad is not None:
+                weight.grad.mul_(keep)
             if self.optimizer is not None:
-                for v in self.optimizer.state.get(m.weight, {}).values():
-                    if isinstance(v, torch.Tensor) and v.shape == m.weight.shape:
+                for v in self.optimizer.state.get(weight, {}).values():
+                    if isinstance(v, torch.Tensor) and v.shape == weight.shape:
                         v.mul_(keep)
 
     def remove(self) -> None:
@@ -310,7 +311,7 @@ def train_nested(
                 for k, v in parts.items():
                     sums.setdefault(k, []).append(v)
                 if bar:
-                    bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
                     bar.update(1)
             record = {
                 "epoch": epoch,
@@ -377,10 +378,17 @@ def export_torch(model: NestedModel, *example_inputs, path=None) -> torch.export
 
 
 def export_onnx(
-    model: NestedModel, *example_inputs, path, input_names: Sequence[str] | None = None, opset: int = 17
+    model: NestedModel,
+    *example_inputs,
+    path,
+    input_names: Sequence[str] | None = None,
+    opset: int = 17,
+    dynamic_batch: bool = True,
 ) -> None:
     """ONNX export (TorchScript exporter, ``dynamo=False``) with the level an int64 scalar input named
-    ``level`` after the model inputs (named ``input_names``, default ``x``, ``x1``, ...)."""
+    ``level`` after the model inputs (named ``input_names``, default ``x``, ``x1``, ...). The first
+    input's batch dimension is dynamic unless ``dynamic_batch=False`` (static shapes let the exporter
+    fold shape arithmetic, which TVM's ONNX frontend does not always import)."""
     model.eval()
     names = list(input_names or [("x" if i == 0 else f"x{i}") for i in range(len(example_inputs))])
     torch.onnx.export(
@@ -391,7 +399,7 @@ def export_onnx(
         opset_version=opset,
         input_names=[*names, "level"],
         output_names=["y"],
-        dynamic_axes={names[0]: {0: "batch"}, "y": {0: "batch"}},
+        dynamic_axes={names[0]: {0: "batch"}, "y": {0: "batch"}} if dynamic_batch else None,
     )
 
 

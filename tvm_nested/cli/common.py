@@ -191,8 +191,12 @@ def check_output(output: str, inputs: list[str], *, force: bool, flag: str = "-o
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise CLIError(f"{flag} {output!r}: directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} {output!r}: cannot write into {parent!r} (permission denied)")
+    try:  # a file made and removed says what permission bits do not (root, read-only or pseudo file systems)
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    except OSError as err:
+        raise CLIError(f"{flag} {output!r}: cannot write into {parent!r} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
     if os.path.lexists(out) and not force:
         raise CLIError(f"{flag} {output!r} exists: pass --force to overwrite it")
     return out

@@ -230,6 +230,9 @@ def _one_line(err: BaseException) -> str:
     if not lines:
         return type(err).__name__
     text = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    if text.endswith(":") and text in lines[:-1]:  # "Compilation error:" and the compiler's words below it
+        rest = lines[lines.index(text) + 1 :]
+        text += " " + next((line for line in rest if "error" in line.lower()), rest[0])
     if isinstance(err, ModuleNotFoundError) and err.name:
         root = err.name.split(".")[0]
         return f"this needs the package {root!r}, which is not installed ({_EXTRAS.get(root, f'pip install {root}')})"

@@ -2,7 +2,7 @@
 
 from .info import InfoView, check_info, example_inputs
 from .library import LibraryError, check_library, host_machine
-from .rpc import BoardError, connect, parse_address
+from .rpc import BoardError, abandon, connect, parse_address
 from .stage_timing import decision_cost_us, profile_stages
 from .threads import num_threads, set_num_threads
 from .vm import DeadlineState, NestedRuntime, flatten, load
@@ -13,6 +13,7 @@ __all__ = [
     "InfoView",
     "LibraryError",
     "NestedRuntime",
+    "abandon",
     "check_info",
     "check_library",
     "connect",

@@ -13,19 +13,28 @@ ever, and so does a tracker that never replies. Everything in tvm_nested that op
 * ``tracker_summary``: the tracker protocol, also on a socket with a time-out.
 * ``connect``: the probe, then TVM's own connect in a daemon thread bounded by what is left of the
   time-out (a board that stops answering between the two is still reported, not waited for).
+* a session with a ``session_timeout`` also reads with one: TVM's client waits for the board's
+  answer to every call without a time-out, so a board that froze in the middle of a call (hung, a
+  cut link) blocked the caller for ever; the session's socket gets a receive time-out, and such a
+  call fails after ``session_timeout`` seconds of silence (when the board itself would have ended
+  the session anyway). ``abandon`` then shuts that socket down, so that the session's remaining
+  calls (freeing each remote object is one) fail at once instead of waiting as long again each.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
 import time
+import weakref
 
 from tvm import rpc as tvm_rpc
 from tvm.rpc import base as rpc_base
 
 PROBE_KEY = "tvm-nested-probe"  # not "client:...": every TVM RPC server refuses it, starting no session
+_SESSION_SOCKETS = weakref.WeakKeyDictionary()  # session -> the descriptors of its socket (connect)
 
 
 class BoardError(RuntimeError):
@@ -121,12 +130,61 @@ def bounded(fn, timeout: float, what: str):
     return box["value"]
 
 
+def _sockets() -> dict[int, str]:
+    """This process's open sockets: fd -> ``socket:[inode]`` (Linux ``/proc``)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:"):
+            found[int(name)] = link
+    return found
+
+
+def _bound_reads(before: dict[int, str], seconds: float) -> list[int]:
+    """Give the TCP sockets opened since ``before`` (the session TVM's connect just made) a receive
+    time-out of ``seconds``; their descriptors. TVM owns the socket and offers no time-out of its
+    own: the option is set through a duplicate of its descriptor (the same socket)."""
+    fds = []
+    for fd, link in _sockets().items():
+        if before.get(fd) == link:
+            continue
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                continue
+            whole = int(seconds)
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6))
+            )
+            fds.append(fd)
+    return fds
+
+
+def abandon(session) -> None:
+    """Shut down the socket of a session whose board stopped answering (one ``connect`` opened with
+    a ``session_timeout``): its later calls fail at once. The session stays an object to drop."""
+    for fd in _SESSION_SOCKETS.pop(session, ()):
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed or shut down
+            pass
+
+
 def connect(rpc=None, *, tracker=None, key: str | None = None, timeout: float = 30.0, session_timeout: float = 0):
     """An RPC session with a board: ``rpc="host:port"`` (its server) or ``tracker="host:port"`` + ``key``.
 
     Raises ``BoardError`` within about ``timeout`` seconds when the board or tracker cannot be
     reached, does not answer, or has no free server registered under ``key``.
-    ``session_timeout``: seconds after which the board ends the session (0: never).
+    ``session_timeout``: seconds after which the board ends the session (0: never); with it, a call
+    on the session that hears nothing from the board for that long fails instead of waiting for ever
+    (see the module docstring).
     """
     if (rpc is None) == (tracker is None):
         raise ValueError("give exactly one of rpc='host:port' (a board) or tracker='host:port' (with key=)")
@@ -139,11 +197,15 @@ def connect(rpc=None, *, tracker=None, key: str | None = None, timeout: float = 
     left = lambda: max(deadline - time.monotonic(), 1.0)
     if rpc is not None:
         probe_server(host, port, timeout)
-        return bounded(
+        before = _sockets()
+        session = bounded(
             lambda: tvm_rpc.connect(host, port, session_timeout=session_timeout),
             left(),
             f"board {host}:{port}: RPC connect",
         )
+        if session_timeout:  # the board's own end of the session comes first
+            _SESSION_SOCKETS[session] = _bound_reads(before, session_timeout + 1.0)
+        return session
     what = f"tracker {host}:{port}"
     while True:
         queue = tracker_summary(host, port, left()).get("queue_info", {})
@@ -154,11 +216,24 @@ def connect(rpc=None, *, tracker=None, key: str | None = None, timeout: float = 
                 f"{what}: no free server with key {key!r} after {timeout:.0f}s (keys: {sorted(queue) or 'none'})"
             )
         time.sleep(0.5)
-    return bounded(
+    before = _sockets()
+    session = bounded(
         lambda: tvm_rpc.connect_tracker(host, port).request(key, session_timeout=session_timeout, max_retry=2),
         left() + 2.0,
         what,
     )
+    if session_timeout:
+        _SESSION_SOCKETS[session] = _bound_reads(before, session_timeout + 1.0)
+    return session
 
 
-__all__ = ["PROBE_KEY", "BoardError", "bounded", "connect", "parse_address", "probe_server", "tracker_summary"]
+__all__ = [
+    "PROBE_KEY",
+    "BoardError",
+    "abandon",
+    "bounded",
+    "connect",
+    "parse_address",
+    "probe_server",
+    "tracker_summary",
+]

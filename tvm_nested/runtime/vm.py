@@ -7,8 +7,9 @@ module: number of levels, per-level density, inputs), so a loaded module refuses
 
 One runtime may be shared by threads: a VM holds per-call state (its register file, and over RPC
 one session's stream), so every call through one runtime (``run``, ``run_stages``,
-``run_deadline``, ``time``), from its arguments to its last output read back, holds the runtime's
-lock: calls are serialised, never interleaved (unlocked, 4 threads on one VM crashed the process).
+``run_deadline``, ``time``, ``profile``), from its arguments to its last output read back, holds
+the runtime's lock: calls are serialised, never interleaved (unlocked, 4 threads on one VM crashed
+the process, and a profile counted the other threads' calls).
 For requests in parallel, make one runtime per thread (``load`` the same file again: the process
 shares the module's code).
 """
@@ -151,8 +152,10 @@ class NestedRuntime(InfoView):
             self._vm.set_instrument(callback)
 
     def profile(self, *inputs, level: int, repeat: int = 10):
-        """Where the time of one call at ``level`` goes, per function (``runtime/profile.py``)."""
-        return profile_call(self, inputs, self.check_level(level), repeat=repeat)
+        """Where the time of one call at ``level`` goes, per function (``runtime/profile.py``).
+        Holds the lock throughout: another thread's calls would be instrumented and counted too."""
+        with self._lock:
+            return profile_call(self, inputs, self.check_level(level), repeat=repeat)
 
     def run(self, *inputs, level) -> list[np.ndarray]:
         """Outputs of the model at ``level`` as a list of NumPy arrays (thread-safe: see the module docstring)."""

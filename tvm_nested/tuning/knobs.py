@@ -14,8 +14,10 @@ their structure is their packing).
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +25,14 @@ import tvm
 from tvm.support import cc as tvm_cc
 
 from ..contract import CROSS_TOOLCHAINS, Constant
+from ..runtime import BoardError, abandon
 from ..schedules import cpu
 from ..target import is_cross
 
 FLUSH_BYTES = 16 << 20  # more than any CPU's L2 and most L3 slices: the layer starts cold
 REPEATS = 9  # cold single calls per level (the median counts)
 NO_WORSE = 1.05  # a chosen candidate is within this of the defaults at every level (timing noise)
+_UPLOADS = itertools.count()  # numbers the candidates' file names on a board: never one name twice
 
 
 @dataclass
@@ -79,37 +83,73 @@ def _arrays(site_args, packed, seed: int) -> list:
     return out
 
 
-def measure(spec, fmt, site_args, candidates, target, levels, *, session=None, seed: int = 0, progress=None):
-    """``[Candidate]`` for ``candidates`` (knobs) of the lowered kernel ``spec`` / ``fmt``."""
-    results = []
-    dev = session.cpu() if session is not None else tvm.cpu()
-    for i, knobs in enumerate(candidates):
+def measure(spec, fmt, site_args, candidates, target, levels, *, board=None, seed: int = 0):
+    """Yield a ``Candidate`` for each of ``candidates`` (knobs) of the lowered kernel ``spec`` / ``fmt``.
+
+    ``board`` (``RPCSettings``): measured there, each candidate in an RPC session of its own, so
+    that the board's ``session_timeout`` bounds one measurement (one session for every candidate
+    was ended by the board after that many seconds, failing all the later ones). A candidate that
+    fails is reported as such; a board that does not answer within the time-out raises
+    ``BoardError`` naming it (the candidates yielded before are the caller's to keep).
+    """
+    for knobs in candidates:
         try:
             func, packed = cpu.cpu_kernel(spec, fmt, knobs)
             lib = tvm.tirx.build(func, target=target)
-            mod = _load(lib, target, session, f"tvm_nested_candidate_{os.getpid()}_{i}.so")
             host = _arrays(site_args, packed, seed)
-            args = [tvm.runtime.tensor(a, dev) for a in host]
-            out = tvm.runtime.empty([int(d) for d in func.params[-1].ty.shape], "float32", dev)
-            name = str(func.attrs["global_symbol"])
-            timer = mod.time_evaluator(name, dev, number=1, repeat=REPEATS, cache_flush_bytes=FLUSH_BYTES)
-            secs = []
-            for level in levels:
-                lvl = tvm.runtime.tensor(np.array(level, "int32"), dev)
-                secs.append(float(np.median(timer(*args, lvl, out).results)))
-            results.append(Candidate(knobs, secs))
         except Exception as err:
-            results.append(Candidate(knobs, None, f"{type(err).__name__}: {err}"))
-        if progress:
-            progress(i + 1, len(candidates), results[-1])
-    return results
+            yield Candidate(knobs, None, f"{type(err).__name__}: {err}")
+            continue
+        if board is None:
+            try:
+                yield Candidate(knobs, _time(lib, func, host, levels, tvm.cpu()))
+            except Exception as err:
+                yield Candidate(knobs, None, f"{type(err).__name__}: {err}")
+        else:
+            yield _measure_on_board(board, knobs, lib, func, host, target, levels)
 
 
-def _load(lib, target, session, name: str):
-    """The compiled candidate as a module on the measuring device. On a board each candidate gets
-    its own file name: writing over a library the board has loaded crashes its server."""
-    if session is None:
-        return lib
+def _time(mod, func, host, levels, dev) -> list[float]:
+    """Seconds of one cold call of ``func`` in ``mod`` per level (the median of ``REPEATS``)."""
+    args = [tvm.runtime.tensor(a, dev) for a in host]
+    out = tvm.runtime.empty([int(d) for d in func.params[-1].ty.shape], "float32", dev)
+    timer = mod.time_evaluator(
+        str(func.attrs["global_symbol"]), dev, number=1, repeat=REPEATS, cache_flush_bytes=FLUSH_BYTES
+    )
+    secs = []
+    for level in levels:
+        lvl = tvm.runtime.tensor(np.array(level, "int32"), dev)
+        secs.append(float(np.median(timer(*args, lvl, out).results)))
+    return secs
+
+
+def _measure_on_board(board, knobs, lib, func, host, target, levels) -> Candidate:
+    start = time.monotonic()
+    session = board.connect()  # BoardError (the board does not answer) ends the tuning
+    try:
+        name = f"tvm_nested_candidate_{os.getpid()}_{next(_UPLOADS)}.so"
+        return Candidate(knobs, _time(_upload(lib, target, session, name), func, host, levels, session.cpu()))
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        stalled = time.monotonic() - start >= board.session_timeout
+        if stalled:  # the remote objects the traceback holds go without waiting for the board each
+            abandon(session)
+    finally:
+        # a TVM RPC server serves one client: the session (and the remote objects holding it) goes
+        # now, so that the next candidate's connect finds the board free
+        session = None
+    if stalled:
+        # raised outside the except block: no traceback keeps the session, and so the board, busy
+        raise BoardError(
+            f"{board.where} did not answer within {board.session_timeout:g}s (session_timeout): measuring stopped"
+        )
+    return Candidate(knobs, None, error)
+
+
+def _upload(lib, target, session, name: str):
+    """The compiled candidate as a module on the board, under a name used once per process:
+    uploading over a library the board has loaded (its loader keeps the first mapping of a path)
+    crashed its server (segfault in dlsym) as soon as a second kernel was tuned."""
     with tempfile.TemporaryDirectory(prefix="tvm_nested_knobs_") as tmp:
         path = os.path.join(tmp, name)
         triple = str(target.attrs.get("mtriple", ""))

@@ -25,7 +25,6 @@ into one temporary folder per run, removed when the run ends.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -183,22 +182,12 @@ def tune(
     _check_cpu(tgt)
     if runner == "local" and is_cross(tgt):
         raise ValueError(
-            f"target {tgt} does not run on this machine: tune it on the board with runner=RPCSettings(...) "
-            "(tvm-nested tune --rpc HOST:PORT, or --tracker HOST:PORT --key KEY)"
+            f"target {target if isinstance(target, str) else tgt} does not run on this machine: tune it on the "
+            "board with runner=RPCSettings(...) (tvm-nested tune --rpc HOST:PORT, or --tracker HOST:PORT --key KEY)"
         )
     if isinstance(runner, RPCSettings):
         runner.check_reachable()  # a silent or absent board is named now, not after compiling
-    with (
-        tuning_log.open_for_tuning(work_dir, tgt) as log,
-        tempfile.TemporaryDirectory(prefix="tvm_nested_tune_") as scratch,
-    ):
-        return _tune(mod, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose)
-
-
-def _tune(mod, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose):
-    path = log.path
-    start = time.time()
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda *a, **k: None)
+    # the model and the levels are checked before the log is created or locked
     with tgt, tvm.transform.PassContext(opt_level=3):
         graph = pipeline(tgt, stop_after="stages")(mod)
     info = read_nested_info(graph) or {"num_levels": 1}
@@ -207,6 +196,16 @@ def _tune(mod, tgt, log, scratch, max_trials, runner, levels, num_trials_per_ite
     bad = [v for v in levels if not 0 <= v < num_levels]
     if not levels or bad:
         raise ValueError(f"levels must be a non-empty subset of 0..{num_levels - 1}, got {levels}")
+    with (
+        tuning_log.open_for_tuning(work_dir, tgt) as log,
+        tempfile.TemporaryDirectory(prefix="tvm_nested_tune_") as scratch,
+    ):
+        return _tune(graph, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose)
+
+
+def _tune(graph, tgt, log, scratch, max_trials, runner, levels, num_trials_per_iter, seed, progress, verbose):
+    path, start = log.path, time.time()
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda *a, **k: None)
     kernels = [(gv, f) for gv, f in graph.functions_items() if (s := spec_of(f)) is not None and s.layout == "rows"]
     say(
         f"[tvm-nested tune] {len(kernels)} nested kernels and the dense operators, {max_trials} trials each, "
@@ -237,17 +236,7 @@ def _tune(mod, tgt, log, scratch, max_trials, runner, levels, num_trials_per_ite
 
 
 def _tune_nested(graph, kernels, target, log, levels, max_trials, runner, seed, bar) -> list[KernelTuning]:
-    session = runner.connect() if isinstance(runner, RPCSettings) else None
-    try:
-        return _measure_nested(graph, kernels, target, log, levels, max_trials, session, seed, bar)
-    finally:
-        # a TVM RPC server serves one client: the board must be free for the dense stage's runner
-        # and the caller, so the session (and the remote objects that reference it) go now
-        del session
-        gc.collect()
-
-
-def _measure_nested(graph, kernels, target, log, levels, max_trials, session, seed, bar) -> list[KernelTuning]:
+    board = runner if isinstance(runner, RPCSettings) else None
     table = knob_table.load_knobs(log.path)
     sites = call_sites(graph)
     results = []
@@ -260,25 +249,18 @@ def _measure_nested(graph, kernels, target, log, levels, max_trials, session, se
         todo = [k for k in cpu.knob_space(spec, target) if json.dumps(asdict(k), sort_keys=True) not in done]
         todo = todo[: max(0, max_trials - len(done))]
         bar.set_description_str(f"{i}/{len(kernels)} {gv.name_hint}", refresh=False)
-        best_so_far = [float("inf")]
-
-        def advance(_done, _total, candidate, best_so_far=best_so_far):
-            best_so_far[0] = min(best_so_far[0], candidate.seconds)
-            if np.isfinite(best_so_far[0]):
-                bar.set_postfix_str(f"best {best_so_far[0] * 1e3:.4f} ms", refresh=False)
-            bar.update(1)
-
-        found = knobs.measure(spec, fmt, args, todo, target, levels, session=session, seed=seed, progress=advance)
-        entry["measured"] += [
-            {"knobs": asdict(c.knobs), "level_seconds": c.level_seconds, "error": c.error} for c in found
-        ]
-        ok = [m for m in entry["measured"] if m["level_seconds"]]
-        if not ok:
+        found, best_so_far = [], float("inf")
+        try:
+            for candidate in knobs.measure(spec, fmt, args, todo, target, levels, board=board, seed=seed):
+                found.append(candidate)
+                best_so_far = min(best_so_far, candidate.seconds)
+                if np.isfinite(best_so_far):
+                    bar.set_postfix_str(f"best {best_so_far * 1e3:.4f} ms", refresh=False)
+                bar.update(1)
+        finally:  # a board that stopped answering: what it measured before is kept
+            best = _keep_measured(log, table, key, entry, found)
+        if best is None:
             raise RuntimeError(f"{gv.name_hint}: no candidate built and ran: {found[0].error if found else '?'}")
-        best = knobs.best(entry["measured"])
-        entry["knobs"], entry["level_seconds"] = best["knobs"], best["level_seconds"]
-        knob_table.save_knobs(log, {key: entry})
-        table[key] = entry
         bar.n = i * max_trials  # a short space: the next kernel starts here
         bar.refresh()
         results.append(
@@ -294,6 +276,20 @@ def _measure_nested(graph, kernels, target, log, levels, max_trials, session, se
             )
         )
     return results
+
+
+def _keep_measured(log, table, key, entry, found) -> dict | None:
+    """Add the measured candidates to the kernel's entry and, when one ran, save the entry with its
+    best (``knobs.best``: every level counts alike, none slower than the defaults) into the log's
+    knob table; the best, or None."""
+    entry["measured"] += [{"knobs": asdict(c.knobs), "level_seconds": c.level_seconds, "error": c.error} for c in found]
+    if not any(m["level_seconds"] for m in entry["measured"]):
+        return None
+    best = knobs.best(entry["measured"])
+    entry["knobs"], entry["level_seconds"] = best["knobs"], best["level_seconds"]
+    knob_table.save_knobs(log, {key: entry})
+    table[key] = entry
+    return best
 
 
 def _tune_dense(
