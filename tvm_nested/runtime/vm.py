@@ -28,6 +28,7 @@ from tvm import relax
 from tvm.rpc.base import RPC_SESS_MASK
 
 from ..contract import DEADLINE_FUNC, INFO_FUNC, LEVEL, REROUTE_POLICIES, STAGE_TIMES_FUNC
+from ..schedules.reroute_rule import STATE_SIZE
 from .info import InfoView, check_info
 from .library import LibraryError, check_library
 from .profile import profile as profile_call
@@ -38,7 +39,6 @@ NO_TABLE_HELP = (
     "or a runtime loaded over RPC, x); lib = lib.with_latency_table(table) (or "
     "tvm_nested.build(mod, target, stages=K, latency_table=table), or stages='auto')"
 )
-STATE_SIZE = 2  # main_deadline's state (schedules/reroute_rule.py)
 
 
 class DeadlineState:
