@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 DENSITIES = (0.5, 0.2, 0.1, 0.05)
-SWEEP = (0.0, 0.2, 0.4, 0.8)  # aggressiveness of the evidence rule
+SWEEP = (0.0, 0.5, 1.0, 2.0)  # aggressiveness of the evidence rule
 GOAL_NINES, GOAL_DENSE = 1.0, 0.70
 
 

@@ -13,19 +13,22 @@ in, the module gains::
 It reads a monotonic clock at the start and, before every stage s (s = 0..K-1), calls the rule
 (``schedules/reroute_rule.py``, the TIR functions and their NumPy references) with the elapsed time
 ``e``; the stage runs at the level the rule returns. No host round trip between stages: it works
-the same over RPC. Both rules predict the time left as ``rem(l) = f * ((1 + m) * sum(table[s:, l]) +
-overhead)`` and read a level off it:
+the same over RPC. With ``T(l) = sum(table[s:, l]) + overhead`` the table's time left at level
+``l``:
 
-* ``policy`` 0, ``paper``: the seed paper's plain rule. ``f = 1``, ``m = 0``; stage 0 runs at
-  ``level``; after each stage, keep the level while ``e + rem(level) <= deadline``, else move to the
-  densest sparser level that fits (the sparsest if none does). It only ever moves sparser.
+* ``policy`` 0, ``paper``: the seed paper's plain rule. Stage 0 runs at ``level``; after each
+  stage, keep the level while ``e + T(level) <= deadline``, else move to the densest sparser level
+  that fits (the sparsest if none does). It only ever moves sparser.
 * ``policy`` 1, ``evidence``: acts on what it has seen. ``f`` is the slowdown against the table,
   estimated from the stages this request has run (each stage's observed / profiled time, forgotten
   with a time constant of a tenth of a request) and, before the first one, from the earlier
-  requests (``state``); ``m = aggressiveness`` is a margin on the prediction (0: as predicted; the
-  larger, the earlier and the further it reroutes). Before every stage, stage 0 included, it picks
-  the densest level from ``level`` down that fits, so it returns to denser levels when the slowdown
-  passes; it never runs denser than ``level``.
+  requests (``state``). Before every stage, stage 0 included, it picks the densest level ``l``
+  from ``level`` down for which both fit: ``e + f * T(l) <= deadline`` (this level to the end, at
+  the slowdown seen) and ``e + f * (1 + a) * (table[s, l] + sum(table[s+1:, L-1]) + overhead) <=
+  deadline`` (the escape: this stage at ``l``, then the sparsest level to the end, still fits if
+  the slowdown grows by ``1 + a``; ``a = aggressiveness``, 0: no reserve). The escape leaves a
+  request dense while it has slack and binds only late or under load, whatever the deadline's
+  slack. It returns to denser levels when the slowdown passes; it never runs denser than ``level``.
 
 ``overhead`` (microseconds, compiled in, 0 unless given) is what a call costs beyond the table's
 stages: the caller's dispatch before the clock starts, the decisions themselves and the return;

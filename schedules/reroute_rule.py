@@ -41,8 +41,9 @@ CLOCK_FUNC = "nested_clock_ns"
 CLOCK_MONOTONIC = 1  # <time.h> on Linux, every architecture
 PAPER, EVIDENCE = (REROUTE_POLICIES.index(p) for p in ("paper", "evidence"))
 DEFAULT_POLICY = "evidence"
-# the evidence rule's margin when a build names none: chosen from bench/qos.py's sweep
-DEFAULT_AGGRESSIVENESS = 0.4
+# the evidence rule's margin when a build names none: its escape survives twice the slowdown seen
+# (bench/qos.py sweeps it)
+DEFAULT_AGGRESSIVENESS = 1.0
 STATE_SIZE, ACC_SIZE = 2, 3
 # tau: a tenth of the densest request's profiled time. A 2x slowdown that starts with a request is
 # believed at ~1.8x after a fifth of it; one preempted stage moves f by its share of tau, not to 2x.
@@ -109,7 +110,7 @@ def reroute_rule(table, level_dtype: str = "int32", overhead_us: float = 0.0) ->
         acc_out: T.Buffer((3,), "float64"),
     ):
         rem = T.alloc_buffer((L,), "float64")
-        scale = T.alloc_buffer((2,), "float64")  # the slowdown and the margin the policy applies
+        rest = T.alloc_buffer((1,), "float64")  # the sparsest level's time after this stage
         cur = T.max(T.min(T.Cast("int32", current[()]), L - 1), 0)
         req = T.max(T.min(T.Cast("int32", requested[()]), L - 1), 0)
         acc_out[0] = acc[0]
@@ -128,17 +129,25 @@ def reroute_rule(table, level_dtype: str = "int32", overhead_us: float = 0.0) ->
                     T.float64(fmax),
                 )
         acc_out[1] = elapsed_us[()]
-        scale[0] = T.float64(1)
-        scale[1] = T.float64(0)
-        if policy[()] == EVIDENCE:
-            scale[0] = acc_out[2]
-            scale[1] = T.max(aggressiveness[()], T.float64(0))
+        rest[0] = T.float64(0)
+        for s in range(K):
+            if s > stage:
+                rest[0] = rest[0] + table[s, L - 1]
         for l in range(L):
             rem[l] = T.float64(0)
             for s in range(K):
                 if s >= stage:
                     rem[l] = rem[l] + table[s, l]
-            rem[l] = scale[0] * ((T.float64(1) + scale[1]) * rem[l] + T.float64(ovh))
+            rem[l] = rem[l] + T.float64(ovh)
+            if policy[()] == EVIDENCE:  # as observed to the end, and the escape under the margin
+                rem[l] = acc_out[2] * rem[l]
+                if stage < K:
+                    rem[l] = T.max(
+                        rem[l],
+                        acc_out[2]
+                        * (T.float64(1) + T.max(aggressiveness[()], T.float64(0)))
+                        * (table[T.min(stage, K - 1), l] + rest[0] + T.float64(ovh)),
+                    )
         if policy[()] == EVIDENCE:  # the densest level from the requested one down that fits
             out[()] = T.Cast(level_dtype, L - 1)
             for i in range(L - 1):
@@ -281,14 +290,17 @@ def decide(
         spent += table[min(stage - 1, K - 1), cur]
         f = _observe(table, f, elapsed_us_, previous, stage, cur)
     new_acc = np.array([spent, elapsed_us_, f])
-    evidence = REROUTE_POLICIES.index(policy) == EVIDENCE
-    scale, margin = (f, max(aggressiveness, 0.0)) if evidence else (1.0, 0.0)
-    rem = scale * ((1 + margin) * table[stage:].sum(axis=0) + overhead_us)
+    rem = table[stage:].sum(axis=0) + overhead_us
+    if REROUTE_POLICIES.index(policy) == EVIDENCE:
+        rem = f * rem
+        if stage < K:
+            escape = table[stage] + table[stage + 1 :, L - 1].sum() + overhead_us
+            rem = np.maximum(rem, f * (1 + max(aggressiveness, 0.0)) * escape)
 
     def fits(lvl):
         return elapsed_us_ + rem[lvl] <= deadline_us
 
-    if evidence:
+    if REROUTE_POLICIES.index(policy) == EVIDENCE:
         return next((lvl for lvl in range(req, L) if fits(lvl)), L - 1), new_acc
     if stage == 0 or fits(cur):
         return cur, new_acc

@@ -216,13 +216,23 @@ def test_evidence_rule_predicts_with_the_observed_slowdown(rules):
     assert rule(200.0, 520.0, 0, 0, 1)[0] == 1  # 200 + f * 180 = 509 fits
 
 
-def test_evidence_rule_margin_is_the_aggressiveness(rules):
+def test_evidence_rule_margin_keeps_an_escape_to_the_sparsest(rules):
+    """aggressiveness a: the stage about to run at the chosen level, then the sparsest level to the
+    end, must still fit if the slowdown grows (1 + a) times what has been observed."""
     rule, _, _ = rules
     acc = np.array([100.0, 100.0, 1.0])  # stage 0 ran as profiled: f stays 1
     assert rule(200.0, 400.0, 0, 0, 2, acc)[0] == 0  # 200 + 200 fits exactly
-    assert rule(200.0, 400.0, 0, 0, 2, acc, aggressiveness=0.1)[0] == 1  # 200 + 1.1 * 200 does not; 1.1 * 120 does
-    assert rule(200.0, 420.0, 0, 0, 2, acc, aggressiveness=0.1)[0] == 0
-    assert rule(200.0, 420.0, 0, 0, 2, acc, aggressiveness=-5.0)[0] == 0  # a negative margin counts as 0
+    assert rule(200.0, 400.0, 0, 0, 2, acc, aggressiveness=0.5)[0] == 0  # escape 1.5 * (100 + 30) = 195 fits
+    assert rule(200.0, 400.0, 0, 0, 2, acc, aggressiveness=0.6)[0] == 1  # 1.6 * 130 = 208 does not; 1.6 * 90 does
+    assert rule(200.0, 400.0, 0, 0, 2, acc, aggressiveness=2.0)[0] == 2  # 3 * 90 = 270 > 200; 3 * 60 fits
+    assert rule(200.0, 400.0, 0, 0, 2, acc, aggressiveness=-5.0)[0] == 0  # a negative margin counts as 0
+    # before the last stage the escape is that stage alone: 1.1 * 100 > 100 left, 1.1 * 60 fits
+    assert rule(300.0, 400.0, 0, 0, 3, [200.0, 200.0, 1.0], aggressiveness=0.1)[0] == 1
+    # the margin scales the observed slowdown: at f = 2 level 0's 2 * 200 fits 400 left, its escape
+    # 2 * 1.5 * 130 = 390 too, at a = 0.6 (416) it does not
+    slow = np.array([100.0, 0.0, 2.0])  # stage 1 took 200 us for 100: f stays 2
+    assert rule(200.0, 600.0, 0, 0, 2, slow, aggressiveness=0.5)[0] == 0
+    assert rule(200.0, 600.0, 0, 0, 2, slow, aggressiveness=0.6)[0] == 1
 
 
 def test_evidence_rule_returns_denser_but_never_above_the_requested_level(rules):

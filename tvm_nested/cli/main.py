@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--aggressiveness",
         type=non_negative_float,
         default=None,
-        help="with --deadline-ms: the evidence rule's margin on its predictions (default: the module's)",
+        help="with --deadline-ms: the evidence rule's reserve: its escape to the sparsest level must survive "
+        "a slowdown 1 + this (default: the module's)",
     )
     p.add_argument("--threads", type=positive_int, default=None, help="TVM CPU threads (default: TVM's own)")
     p.add_argument("--repeat", type=positive_int, default=5, help="timing repeats (with --deadline-ms: requests)")
