@@ -10,12 +10,14 @@ from .lower_nested import LowerNestedLayers, NestedLoweringWarning, read_nested_
 from .metadata import AttachMetadata, collect_metadata
 from .schedule import ApplyTuningLog, ReportUnscheduled, ScheduleKernels
 from .specialize import SpecializeKernels
-from .stages import SplitStages, read_stage_plan
+from .stage_timer import AddStageTimer
+from .stages import SplitStages, merge_stages, read_stage_plan
 from .sum_to_add import SumToAdd
 from .take_index import NormalizeTakeIndices
 
 __all__ = [
     "AddDeadlineFunction",
+    "AddStageTimer",
     "ApplyTuningLog",
     "AttachMetadata",
     "BroadcastNonFiniteFull",
@@ -31,6 +33,7 @@ __all__ = [
     "SplitStages",
     "SumToAdd",
     "collect_metadata",
+    "merge_stages",
     "read_nested_info",
     "read_stage_plan",
 ]

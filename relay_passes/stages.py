@@ -19,8 +19,13 @@ the ones it needs; the guard (an impure assert) is dropped (callers of stages ch
 Cut points are either balanced (``num_stages``: equal shares of the estimated multiply-accumulates,
 nested layers weighed by their level-0 non-zeros, dense conv2d / matmul by their dense size; each
 cut then slides over the cheap bindings that follow to where the fewest activation bytes are live),
-or given (``cuts``: a list of ints = "after the i-th nested layer" in ``nested.info`` order, sliding
-the same way, or of strings = "exactly after the binding of this Relax variable").
+at every narrow point (``num_stages="blocks"``: after each costly binding, slid the same way, kept
+where no fewer values are carried across the cuts beside it: the output of every residual block,
+the end of every recurrent step, every layer of a plain chain), or given (``cuts``: a list of ints =
+"after the i-th nested layer" in ``nested.info`` order, sliding the same way, or of strings =
+"exactly after the binding of this Relax variable"). ``merge_stages`` groups the stages of a plan by
+their measured cost (``build(..., stages="auto")``: the narrow points, merged where a decision would
+cost more than a small share of its stage).
 
 The plan is recorded as the module attr ``nested.stages`` (JSON): ``num_stages``, ``functions``,
 ``inputs`` / ``outputs`` (per stage, variable names), ``cuts`` (variable after which each cut falls),
@@ -39,6 +44,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..contract import ATTR_OP, LEVEL, STAGE_PREFIX, STAGES_ATTR
+
+BLOCKS = "blocks"  # SplitStages(BLOCKS): a cut at every narrow point (the candidates of stages="auto")
 
 
 def read_stage_plan(mod: tvm.IRModule) -> dict | None:
@@ -174,8 +181,8 @@ def _analyse(mod: tvm.IRModule, func: relax.Function):
     return level, bindings, work, needed
 
 
-def _live_bytes(work, params, result_uses):
-    """live[j] = bytes of carried values defined at or before work[j] and read after it."""
+def _carried(work, params, result_uses) -> list[list[relax.Var]]:
+    """carried[j] = the values defined at or before work[j] (or main's inputs) that are read after it."""
     pos = {b.var: j for j, b in enumerate(work)}
     last = {}
     for j, b in enumerate(work):
@@ -183,18 +190,37 @@ def _live_bytes(work, params, result_uses):
             last[v] = j
     for v in result_uses:
         last[v] = len(work)
-    live = []
+    out = []
     for j in range(len(work)):
-        total = 0
-        for v, lu in last.items():
-            d = pos.get(v, -1 if v in params else None)
-            if d is not None and d <= j < lu:
-                total += _nbytes(v.ty)
-        live.append(total)
-    return live
+        out.append(
+            [v for v, lu in last.items() if (d := pos.get(v, -1 if v in params else None)) is not None and d <= j < lu]
+        )
+    return out
 
 
-def _choose_cuts(work, live, num_stages, cuts) -> list[int]:
+def _width(v) -> int:
+    return len(v.ty.fields) if isinstance(v.ty, relax.TupleType) else 1
+
+
+def _block_cuts(work, counts, slide) -> list[int]:
+    """A cut at every narrow point: after each costly binding, slid to the fewest live bytes, kept where
+    no fewer values are carried at the candidates beside it (residual block outputs, recurrent step ends,
+    every layer of a plain chain)."""
+    n = len(work)
+    macs = [max(b.macs, 0) for b in work]
+    rest = np.cumsum(macs[::-1])[::-1]  # work from j on
+    points = sorted({slide(j) for j in range(n - 1) if macs[j] > 0 and rest[j + 1] > 0})
+    points = [j for j in points if j < n - 1]
+    keep = []
+    for i, j in enumerate(points):
+        left = counts[points[i - 1]] if i > 0 else counts[j]
+        right = counts[points[i + 1]] if i + 1 < len(points) else counts[j]
+        if counts[j] <= left and counts[j] <= right:
+            keep.append(j)
+    return keep
+
+
+def _choose_cuts(work, live, counts, num_stages, cuts) -> list[int]:
     """Indices j into ``work``: a cut falls after work[j]. Strictly increasing, every stage non-empty."""
     n = len(work)
 
@@ -233,8 +259,10 @@ def _choose_cuts(work, live, num_stages, cuts) -> list[int]:
             )
         return out
 
+    if num_stages == BLOCKS:
+        return _block_cuts(work, counts, slide)
     if not isinstance(num_stages, (int, np.integer)) or isinstance(num_stages, bool) or num_stages < 1:
-        raise ValueError(f"SplitStages: num_stages must be a positive integer, got {num_stages!r}")
+        raise ValueError(f"SplitStages: num_stages must be a positive integer or {BLOCKS!r}, got {num_stages!r}")
     # cut only after a costly binding (never after the last one): no stage is cheap glue alone
     macs = np.array([max(b.macs, 0) for b in work], dtype=np.float64)
     candidates = [j for j in range(n - 1) if macs[j] > 0 and macs[j + 1 :].sum() > 0]
@@ -290,8 +318,10 @@ def _split(mod: tvm.IRModule, num_stages, cuts) -> tvm.IRModule:
     level, bindings, work, _needed = _analyse(mod, func)
     params = set(func.params)
     result_uses = set(_used_vars(func.body.body))
-    live = _live_bytes(work, params, result_uses)
-    cut_idx = _choose_cuts(work, live, num_stages, cuts)
+    carried = _carried(work, {p for p in params if not p.same_as(level)}, result_uses)
+    live = [sum(_nbytes(v.ty) for v in c) for c in carried]
+    counts = [sum(_width(v) for v in c) for c in carried]
+    cut_idx = _choose_cuts(work, live, counts, num_stages, cuts)
     bounds = [-1, *cut_idx, len(work) - 1]
     stage_of = {}
     for s in range(len(bounds) - 1):
@@ -356,15 +386,50 @@ def _split(mod: tvm.IRModule, num_stages, cuts) -> tvm.IRModule:
     return out.with_attr(STAGES_ATTR, json.dumps(plan))
 
 
-def SplitStages(num_stages: int | None = 4, cuts=None) -> tvm.transform.Pass:
+def merge_stages(plan: dict, cost_us, decision_us: float, max_share: float) -> tuple[list[str], list[list[int]]]:
+    """Consecutive stages of ``plan`` merged until a decision costs at most ``max_share`` of a stage.
+
+    ``cost_us[s]``: stage s's measured time; ``decision_us``: the measured cost of one decision point
+    (clock, rule, the stage call). A group closes once its cost reaches ``decision_us / max_share``;
+    a short last group joins the one before. Returns ``(cuts, groups)``: the variable names to cut
+    after (``SplitStages(cuts=cuts)`` builds the merged plan) and each group's stages of ``plan``.
+    """
+    cost = np.asarray(cost_us, dtype=np.float64)
+    if cost.shape != (int(plan["num_stages"]),) or not np.all(np.isfinite(cost)) or np.any(cost < 0):
+        raise ValueError(f"merge_stages: one finite cost >= 0 per stage ({plan['num_stages']}), got {cost_us!r}")
+    if not (np.isfinite(decision_us) and decision_us >= 0 and 0 < max_share <= 1):
+        raise ValueError(f"merge_stages: decision_us >= 0 and 0 < max_share <= 1, got {decision_us!r}, {max_share!r}")
+    need = decision_us / max_share
+    groups, group, total = [], [], 0.0
+    for s, c in enumerate(cost):
+        group.append(s)
+        total += c
+        if total >= need:
+            groups.append(group)
+            group, total = [], 0.0
+    if group:
+        if groups:
+            groups[-1].extend(group)
+        else:
+            groups.append(group)
+    return [plan["cuts"][g[-1]] for g in groups[:-1]], groups
+
+
+def SplitStages(num_stages: int | str | None = 4, cuts=None, note: dict | None = None) -> tvm.transform.Pass:
     """Add stage functions ``nested_stage_i(*activations, level)`` computing main in K stages.
 
     Run after ``LowerNestedLayers`` and ``LevelGuard``. ``num_stages``: balanced cuts (fewer when
-    main has fewer bindings); ``cuts``: explicit cut points (see the module docstring).
+    main has fewer bindings), or ``"blocks"``: a cut at every narrow point; ``cuts``: explicit cut
+    points (see the module docstring). ``note``: recorded in the plan as ``auto`` (how ``build``'s
+    ``stages="auto"`` chose the cuts).
     """
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_nested.SplitStages")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return _split(mod, num_stages, cuts)
+        out = _split(mod, num_stages, cuts)
+        if note is None:
+            return out
+        plan = dict(read_stage_plan(out), auto=note)
+        return out.with_attr(STAGES_ATTR, json.dumps(plan))
 
     return _pass

@@ -141,24 +141,59 @@ def test_host_build_is_refused_by_the_board(nested, board_server):
     gc.collect()
 
 
+def test_auto_stages_measured_on_the_board(nested, board_server):
+    """stages="auto" times the candidate stages and a decision ON the board (measure_on), then compiles
+    the chosen cuts with the board's table; the module reroutes there (emulated: no QoS claim)."""
+    lib = tvm_nested.build(
+        nested["mod"], BOARD_TARGET, stages="auto", measure_on=lambda cand: dp.deploy(cand, board_server.address)
+    )
+    gc.collect()
+    note, K = lib.stage_plan["auto"], lib.num_stages
+    assert note["candidates"] == 2 and len(note["candidate_cost_us"]) == 2 and note["decision_us"] >= 0
+    assert lib.latency_table.shape == (K, len(DENSITIES)) and (lib.latency_table > 0).all()
+    rt = dp.deploy(lib, board_server.address)
+    x, last = nested["x"], len(DENSITIES) - 1
+    outs, levels = rt.run_deadline(x, deadline_ms=0.0, level=0, policy="evidence")
+    assert levels.tolist() == [last] * K
+    np.testing.assert_allclose(outs[0], nested["torch"][last], rtol=1e-4, atol=1e-5)
+    outs, levels = rt.run_deadline(x, deadline_ms=1e9, level=1)
+    assert levels.tolist() == [1] * K
+    np.testing.assert_allclose(outs[0], nested["torch"][1], rtol=1e-4, atol=1e-5)
+    del rt
+    gc.collect()
+
+
 def test_rerouting_on_the_board(nested, board_server):
-    """Stages profiled ON the board, the table compiled in, the deadline decided on the board."""
+    """Stages profiled ON the board, the table compiled in, both rules decided on the board, the evidence
+    rule's state kept on the board between requests; a short stream of requests of every policy under a
+    deadline the board can only sometimes meet: every level vector valid, every output the staged
+    network's at those levels (timings emulated: functional, not QoS numbers)."""
     from tvm_nested.reroute import profile_stages
 
     staged = tvm_nested.build(nested["mod"], BOARD_TARGET, stages=2)
     rt = dp.deploy(staged, board_server.address)
-    table = profile_stages(rt, nested["x"], number=1, repeat=1)  # timed by the board's VM
+    table = profile_stages(rt, nested["x"], repeat=1)  # timed by the board's clock
     assert table.shape == (2, len(DENSITIES)) and (table > 0).all()
     del rt
     gc.collect()
     rt = dp.deploy(staged.with_latency_table(table), board_server.address)
     x, last = nested["x"], len(DENSITIES) - 1
-    outs, levels = rt.run_deadline(x, deadline_ms=0.0, level=0)  # every stage after the first: sparsest
+    outs, levels = rt.run_deadline(x, deadline_ms=0.0, level=0, policy="paper")  # stage 0 as asked, then sparsest
     assert levels.tolist() == [0, last]
     np.testing.assert_allclose(outs[0], rt.run_stages(x, levels=[0, last])[0], rtol=1e-5, atol=1e-6)
+    assert rt.run_deadline(x, deadline_ms=0.0, level=0)[1].tolist() == [last, last]  # evidence: stage 0 too
     outs, levels = rt.run_deadline(x, deadline_ms=1e9, level=1)  # never switches
     assert levels.tolist() == [1, 1]
     np.testing.assert_allclose(outs[0], nested["host"].run(x, level=1)[0], rtol=1e-4, atol=1e-5)
+    deadline_ms = float(table[:, 0].sum()) / 1e3  # the densest request as profiled: met or not, by load
+    for policy in ("paper", "evidence"):
+        state = rt.new_deadline_state()
+        for _ in range(3):
+            outs, levels, ends = rt.run_deadline(x, deadline_ms=deadline_ms, policy=policy, state=state, times=True)
+            assert set(levels.tolist()) <= set(range(len(DENSITIES))) and ends.shape == (2,)
+            np.testing.assert_allclose(outs[0], rt.run_stages(x, levels=levels)[0], rtol=1e-5, atol=1e-6)
+        slowdown, ended = state.tensor.numpy()  # the state came back from the board, still there
+        assert slowdown > 0 and ended > 0
     del rt
     gc.collect()
 

@@ -41,6 +41,10 @@ STAGES_ATTR = "nested.stages"  # IRModule attr: JSON stage plan (build(..., stag
 REROUTE_ATTR = "nested.reroute"  # IRModule attr: JSON latency table + rule of main_deadline
 INFO_FUNC = "nested_info"  # the compiled function returning the artifact's metadata (uint8 JSON)
 DEADLINE_FUNC = "main_deadline"  # the compiled rerouting entry point
+STAGE_TIMES_FUNC = "nested_stage_times"  # every stage at one level, the clock read after each
+# rerouting rules main_deadline can apply, by their id (the policy argument): the seed paper's plain
+# rule, and the rule that acts on the slowdown it observes (relay_passes/deadline.py)
+REROUTE_POLICIES = ("paper", "evidence")
 STAGE_PREFIX = "nested_stage_"  # stage functions: nested_stage_0 .. nested_stage_{K-1}
 NOALIAS = "tirx.noalias"  # 0.27's spelling; "tir.noalias" is silently ignored
 IS_SCHEDULED = "tirx.is_scheduled"
@@ -145,8 +149,10 @@ __all__ = [
     "NOALIAS",
     "RELAX_BACKENDS",
     "REROUTE_ATTR",
+    "REROUTE_POLICIES",
     "STAGES_ATTR",
     "STAGE_PREFIX",
+    "STAGE_TIMES_FUNC",
     "TB",
     "TVM_FFI_BOARD_PIN",
     "TVM_FFI_SERIES",

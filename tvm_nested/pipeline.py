@@ -6,7 +6,7 @@ what is built. Phases, in order (an optional step is an empty ``Sequential``, so
 same for every build):
 
 1. ``graph``: nested layers found and lowered to ``call_tir`` of packed kernels, ``main`` guarded;
-2. ``stages``: ``main`` split into stage functions (``stages=``), for rerouting;
+2. ``stages``: ``main`` split into stage functions (``stages=``) and ``nested_stage_times``, for rerouting;
 3. ``reroute``: ``main_deadline`` with the latency table compiled in (``latency_table=``);
 4. ``kernels``: each nested kernel in the form its target runs (CPU: packed for its knobs, from the
    tuning log's knob table or the target family's defaults);
@@ -29,6 +29,7 @@ from tvm import relax
 from .contract import DUMP_ENV, RELAX_BACKENDS
 from .relay_passes import (
     AddDeadlineFunction,
+    AddStageTimer,
     ApplyTuningLog,
     AttachMetadata,
     BroadcastNonFiniteFull,
@@ -58,16 +59,24 @@ def backend(target):
     return RELAX_BACKENDS[kind]
 
 
-def _stages_pass(stages) -> tvm.transform.Pass:
+def _stages_pass(stages, note) -> tvm.transform.Pass:
     if stages is None:
         return _NOTHING
     if isinstance(stages, (list, tuple)):
-        return SplitStages(None, cuts=list(stages))
-    return SplitStages(stages)
+        return SplitStages(None, cuts=list(stages), note=note)
+    return SplitStages(stages, note=note)
 
 
 def phases(
-    target, *, tuning_log=None, stages=None, latency_table=None, adaptive: bool = True, overhead_us: float = 0.0
+    target,
+    *,
+    tuning_log=None,
+    stages=None,
+    stages_note: dict | None = None,
+    latency_table=None,
+    policy: str | None = None,
+    aggressiveness: float | None = None,
+    overhead_us: float = 0.0,
 ) -> list[tuple[str, list[tvm.transform.Pass]]]:
     """The named phases of the pipeline for ``target`` (see the module docstring)."""
     be = backend(target)
@@ -93,15 +102,18 @@ def phases(
                 LevelGuard(),
             ],
         ),
-        # Phase 2: stage functions sharing main's kernels and constants (rerouting).
-        ("stages", [_stages_pass(stages)]),
+        # Phase 2: stage functions sharing main's kernels and constants (rerouting), and the
+        # function that times them on the device (the latency table).
+        ("stages", [_stages_pass(stages, stages_note), _NOTHING if stages is None else AddStageTimer()]),
         # Phase 3: main_deadline: stages + the on-device rule over the latency table.
         (
             "reroute",
             [
                 _NOTHING
                 if latency_table is None
-                else AddDeadlineFunction(latency_table, adaptive=adaptive, overhead_us=overhead_us)
+                else AddDeadlineFunction(
+                    latency_table, policy=policy, aggressiveness=aggressiveness, overhead_us=overhead_us
+                )
             ],
         ),
         # Phase 4: each nested kernel in the form the target runs (what a tuning log records).
@@ -141,8 +153,10 @@ def pipeline(
     *,
     tuning_log=None,
     stages=None,
+    stages_note: dict | None = None,
     latency_table=None,
-    adaptive: bool = True,
+    policy: str | None = None,
+    aggressiveness: float | None = None,
     overhead_us: float = 0.0,
     start_at: str | None = None,
     stop_after: str | None = None,
@@ -160,8 +174,10 @@ def pipeline(
         target,
         tuning_log=tuning_log,
         stages=stages,
+        stages_note=stages_note,
         latency_table=latency_table,
-        adaptive=adaptive,
+        policy=policy,
+        aggressiveness=aggressiveness,
         overhead_us=overhead_us,
     )[first : last + 1]:
         seq.extend(passes)

@@ -25,7 +25,7 @@ TARGET = parse_target("llvm -mtriple=aarch64-linux-gnu -mattr=+neon")
 LAYER = {"name": "linear_0 (y)", "op": "linear", "rows": 8, "cols": 8, "nnz": [48, 32, 16], "dense_bytes": 256}
 INFO = json.dumps({"num_levels": 3, "layers": [LAYER]})
 STAGES = json.dumps({"num_stages": 2, "functions": ["nested_stage_0", "nested_stage_1"]})
-REROUTE = json.dumps({"latency_table_us": [[1.0, 0.5, 0.2]], "reroute_rule": "adaptive"})
+REROUTE = json.dumps({"latency_table_us": [[1.0, 0.5, 0.2]], "reroute_rule": "evidence"})
 
 
 @I.ir_module
@@ -71,7 +71,7 @@ def _record() -> dict:
         ],
         "stages": json.loads(STAGES),
         "latency_table_us": [[1.0, 0.5, 0.2]],  # the rerouting record, merged in
-        "reroute_rule": "adaptive",
+        "reroute_rule": "evidence",
     }
 
 

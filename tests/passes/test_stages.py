@@ -18,7 +18,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from tvm_nested.relay_passes import SplitStages, read_stage_plan
+from tvm_nested.relay_passes import SplitStages, merge_stages, read_stage_plan
 from tvm_nested.schedules import LinearSpec, Packed, kernel
 from tvm_nested.schedules.format import NestedCSR
 
@@ -240,6 +240,94 @@ def test_more_stages_than_layers_are_capped():
     assert read_stage_plan(SplitStages(10)(_before()))["num_stages"] == 2
 
 
+@I.ir_module
+class Residual:
+    """Two layers and a residual add (a block), then two more layers: the narrow points of the block
+    mode are after the add (one value carried) and after the third layer, not inside the block."""
+
+    I.module_attrs({"nested.info": INFO})
+
+    @T.prim_func
+    def nested_linear(
+        x: T.Buffer((2, 8), "float32"),
+        values: T.Buffer((48,), "float32"),
+        col: T.Buffer((48,), "uint8"),
+        row_ptr: T.Buffer((9,), "int32"),
+        level_len: T.Buffer((3, 8), "uint8"),
+        level: T.Buffer((), "int32"),
+        out: T.Buffer((2, 8), "float32"),
+    ):
+        T.evaluate(0)  # stub: the kernel is generated
+
+    @R.function
+    def main(
+        x: R.Tensor((2, 8), "float32"),
+        level: R.Tensor((), "int64"),
+        values: R.Tensor((48,), "float32"),
+        col: R.Tensor((48,), "uint8"),
+        row_ptr: R.Tensor((9,), "int32"),
+        level_len: R.Tensor((3, 8), "uint8"),
+    ):
+        cls = Residual
+        w = (values, col, row_ptr, level_len)
+        with R.dataflow():
+            lv = R.astype(level, "int32")
+            a = R.call_tir(cls.nested_linear, (x, *w, lv), out_ty=R.Tensor((2, 8), "float32"))  # carried: x, a
+            b = R.call_tir(cls.nested_linear, (a, *w, lv), out_ty=R.Tensor((2, 8), "float32"))  # x, b
+            c = R.add(b, x)  # c: the block's output, the narrowest point after b
+            d = R.nn.relu(c)
+            e = R.call_tir(cls.nested_linear, (d, *w, lv), out_ty=R.Tensor((2, 8), "float32"))
+            f = R.call_tir(cls.nested_linear, (e, *w, lv), out_ty=R.Tensor((2, 8), "float32"))
+            R.output(f)
+        return f
+
+
+def _residual():
+    k, packed, _ = _layers()
+    return bind(with_kernels(Residual, nested_linear=k), **packed)
+
+
+def test_blocks_cut_at_the_narrow_points():
+    after = SplitStages("blocks")(_residual())
+    plan = read_stage_plan(after)
+    assert plan["cuts"] == ["c", "e"] and plan["num_stages"] == 3
+    assert plan["inputs"] == [["x"], ["c"], ["e"]]
+    vm = relax.VirtualMachine(tvm.compile(after, "llvm"), tvm.cpu())
+    x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((2, 8)).astype(F32))
+    for level in range(L):
+        lv = tvm.runtime.tensor(np.array(level, "int64"))
+        (c,) = vm["nested_stage_0"](x, lv)
+        (e,) = vm["nested_stage_1"](c, lv)
+        np.testing.assert_array_equal(vm["nested_stage_2"](e, lv).numpy(), vm["main"](x, lv).numpy())
+
+
+@pytest.mark.parametrize(
+    "cost, decision_us, cuts, groups",
+    [
+        pytest.param([100, 10, 10, 100], 1.0, ["a"], [[0], [1, 2, 3]], id="cheap_stages_merge"),
+        pytest.param([100, 10, 10, 100], 0.0, ["a", "b", "c"], [[0], [1], [2], [3]], id="free_decisions_keep_all"),
+        pytest.param([100, 100, 10], 1.0, ["a"], [[0], [1, 2]], id="short_last_group_joins"),
+        pytest.param([10, 10, 10, 10], 1.0, [], [[0, 1, 2, 3]], id="one_stage"),
+    ],
+)
+def test_merge_stages(cost, decision_us, cuts, groups):
+    plan = {"num_stages": 4 if len(cost) == 4 else 3, "cuts": ["a", "b", "c"][: len(cost) - 1]}
+    assert merge_stages(plan, cost, decision_us, 0.02) == (cuts, groups)  # a stage must cost >= 50 x decision
+
+
+@pytest.mark.parametrize(
+    "cost, decision_us, share, match",
+    [
+        pytest.param([1.0, 2.0], 1.0, 0.02, r"one finite cost >= 0 per stage \(3\)", id="length"),
+        pytest.param([1.0, -2.0, 1.0], 1.0, 0.02, "one finite cost >= 0", id="negative"),
+        pytest.param([1.0, 2.0, 1.0], 1.0, 0.0, "0 < max_share <= 1", id="share"),
+    ],
+)
+def test_merge_stages_refuses_bad_measurements(cost, decision_us, share, match):
+    with pytest.raises(ValueError, match=match):
+        merge_stages({"num_stages": 3, "cuts": ["a", "b"]}, cost, decision_us, share)
+
+
 # --------------------------------------------------------------------------------- error cases
 @I.ir_module
 class NoLevel:
@@ -270,6 +358,7 @@ class NothingFromInputs:
         pytest.param(_before, SplitStages(None, cuts=["nope"]), "no binding named 'nope'", id="no_binding"),
         pytest.param(_before, SplitStages(None, cuts=[1.5]), "a cut is a nested-layer index", id="cut_type"),
         pytest.param(_before, SplitStages(0), "num_stages must be a positive integer", id="zero_stages"),
+        pytest.param(_before, SplitStages("many"), "positive integer or 'blocks'", id="unknown_mode"),
         pytest.param(lambda: NoLevel, SplitStages(2), "main has no 'level' parameter", id="no_level"),
         pytest.param(lambda: NothingFromInputs, SplitStages(2), "computes nothing from its inputs", id="no_work"),
     ],

@@ -15,6 +15,7 @@ import time
 import warnings
 
 from ..build import build
+from ..contract import REROUTE_POLICIES
 from ..deploy import BoardError, deploy, is_emulated
 from ..runtime import example_inputs, load, num_threads
 from ..runtime.profile import profile_levels, summary
@@ -58,6 +59,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
+    if args.deadline_ms is None and (args.policy is not None or args.aggressiveness is not None):
+        raise CLIError("--policy and --aggressiveness apply to requests under a deadline: add --deadline-ms")
     inputs = [load_npy(f) for f in args.input]
     if args.rpc or args.tracker:  # on a board over TVM RPC: the same runtime, the module uploaded
         if not os.path.isfile(args.module):
@@ -72,7 +75,13 @@ def cmd_run(args) -> int:
     if args.deadline_ms is not None:  # requests rerouted on the device under a deadline
         for i in range(args.repeat):
             t0 = time.perf_counter()
-            outs, levels = rt.run_deadline(*inputs, deadline_ms=args.deadline_ms, level=args.level or 0)
+            outs, levels = rt.run_deadline(
+                *inputs,
+                deadline_ms=args.deadline_ms,
+                level=args.level or 0,
+                policy=args.policy,
+                aggressiveness=args.aggressiveness,
+            )
             ms = (time.perf_counter() - t0) * 1e3
             print(
                 json.dumps(
@@ -154,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="reroute on the device to meet this deadline per request (module built with stages and a "
         "latency table); prints the level each stage ran at",
+    )
+    p.add_argument(
+        "--policy",
+        choices=REROUTE_POLICIES,
+        default=None,
+        help="with --deadline-ms: the rerouting rule (default: the module's; 'paper': the seed paper's plain rule)",
+    )
+    p.add_argument(
+        "--aggressiveness",
+        type=non_negative_float,
+        default=None,
+        help="with --deadline-ms: the evidence rule's reserve: its escape to the sparsest level must survive "
+        "a slowdown 1 + this (default: the module's)",
     )
     p.add_argument("--threads", type=positive_int, default=None, help="TVM CPU threads (default: TVM's own)")
     p.add_argument("--repeat", type=positive_int, default=5, help="timing repeats (with --deadline-ms: requests)")

@@ -3,11 +3,13 @@
 from .info import InfoView, check_info, example_inputs
 from .library import LibraryError, check_library, host_machine
 from .rpc import BoardError, abandon, connect, parse_address
+from .stage_timing import decision_cost_us, profile_stages
 from .threads import num_threads, set_num_threads
-from .vm import NestedRuntime, flatten, load
+from .vm import DeadlineState, NestedRuntime, flatten, load
 
 __all__ = [
     "BoardError",
+    "DeadlineState",
     "InfoView",
     "LibraryError",
     "NestedRuntime",
@@ -15,11 +17,13 @@ __all__ = [
     "check_info",
     "check_library",
     "connect",
+    "decision_cost_us",
     "example_inputs",
     "flatten",
     "host_machine",
     "load",
     "num_threads",
     "parse_address",
+    "profile_stages",
     "set_num_threads",
 ]

@@ -14,8 +14,10 @@ from ..contract import INFO_VERSION, LEVEL
 # target, num_levels, densities, layers, inputs; optional keys (absent in modules built without
 # them; readers must not require them):
 #   "stages": the stage plan of build(..., stages=K) -- num_stages, functions, inputs/outputs per
-#             stage (activation names), cuts, macs (see relay_passes/stages.py)
-#   "latency_table_us", "reroute_rule", "reroute_overhead_us": the rerouting table and rule
+#             stage (activation names), cuts, macs, and with stages="auto" "auto": the candidates,
+#             their measured cost, a decision's cost, the share allowed (see relay_passes/stages.py)
+#   "latency_table_us", "reroute_rule", "reroute_aggressiveness", "reroute_overhead_us": the rerouting
+#             table, the rule and margin a call uses by default, the overhead reserve
 #             compiled into main_deadline (relay_passes/deadline.py)
 
 

@@ -27,7 +27,8 @@ import tvm
 from tvm import relax
 from tvm.rpc.base import RPC_SESS_MASK
 
-from ..contract import DEADLINE_FUNC, INFO_FUNC, LEVEL
+from ..contract import DEADLINE_FUNC, INFO_FUNC, LEVEL, REROUTE_POLICIES, STAGE_TIMES_FUNC
+from ..schedules.reroute_rule import STATE_SIZE
 from .info import InfoView, check_info
 from .library import LibraryError, check_library
 from .profile import profile as profile_call
@@ -36,8 +37,29 @@ from .threads import set_num_threads
 NO_TABLE_HELP = (
     "profile it on the target and rebuild: table = tvm_nested.reroute.profile_stages(lib.runtime() "
     "or a runtime loaded over RPC, x); lib = lib.with_latency_table(table) (or "
-    "tvm_nested.build(mod, target, stages=K, latency_table=table))"
+    "tvm_nested.build(mod, target, stages=K, latency_table=table), or stages='auto')"
 )
+
+
+class DeadlineState:
+    """What ``main_deadline`` carries from one request to the next (the slowdown it last saw, when),
+    kept on the device: each call takes it and the runtime keeps the one the call returns. A
+    runtime has its own (``NestedRuntime.deadline_state``); make one per stream of requests whose
+    load should not inform the other's (``NestedRuntime.new_deadline_state``)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the history: the next request starts from the table as profiled."""
+        self.tensor = tvm.runtime.tensor(np.zeros(STATE_SIZE, "float64"), self.device)
+
+    @property
+    def slowdown(self) -> float:
+        """The last request's slowdown estimate against the latency table (1.0 before any request)."""
+        value = float(self.tensor.numpy()[0])
+        return value if value > 0 else 1.0
 
 
 class NestedRuntime(InfoView):
@@ -57,6 +79,7 @@ class NestedRuntime(InfoView):
         self._remote = int(self.device.dlpack_device_type()) >= RPC_SESS_MASK
         self._lock = threading.RLock()  # one VM, one call at a time (see the module docstring)
         self._level_dtype = next((p["dtype"] for p in self.info["inputs"] if p["name"] == LEVEL), "int32")
+        self._deadline_state = None
 
     # -- what the artifact says about itself: InfoView
     @property
@@ -79,7 +102,8 @@ class NestedRuntime(InfoView):
         return tvm.runtime.tensor(np.array(self.check_level(level), dtype=self._level_dtype), self.device)
 
     def arguments(self, inputs, level: int) -> list:
-        """``main``'s arguments on the device, checked: the inputs in order and the level."""
+        """``main``'s arguments on the device, checked: the inputs in order and the level. An input
+        that is a tensor on this runtime's device already is used as it is (no copy)."""
         params = self.info["inputs"]
         data = [p for p in params if p["name"] != LEVEL]
         if len(inputs) != len(data):
@@ -92,6 +116,13 @@ class NestedRuntime(InfoView):
                 args.append(self.level_tensor(level))
                 continue
             x = next(given)
+            if isinstance(x, tvm.runtime.Tensor) and x.device == self.device:  # already on the device: as is
+                if tuple(x.shape) != tuple(p["shape"]) or str(x.dtype) != p["dtype"]:
+                    raise ValueError(
+                        f"input {p['name']!r}: expected {p['dtype']}{list(p['shape'])}, got {x.dtype}{list(x.shape)}"
+                    )
+                args.append(x)
+                continue
             x = x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) else np.asarray(x)
             if tuple(x.shape) != tuple(p["shape"]):
                 raise ValueError(f"input {p['name']!r}: expected shape {tuple(p['shape'])}, got {tuple(x.shape)}")
@@ -183,8 +214,54 @@ class NestedRuntime(InfoView):
                     env.update(zip(plan["outputs"][s], out))
             return flatten(out)
 
-    def deadline_arguments(self, inputs, deadline_ms, level) -> list:
-        """``main_deadline``'s arguments: ``main``'s and the deadline in microseconds."""
+    def stage_times(self, *inputs, level) -> np.ndarray:
+        """Microseconds from the start to the end of each stage, every stage at ``level``, timed on
+        the device (``nested_stage_times``)."""
+        if self.stage_plan is None:
+            raise ValueError(
+                "this module has no stages: build it with stages=K (tvm_nested.build(mod, target, stages=4))"
+            )
+        with self._lock:
+            return flatten(self.invoke(STAGE_TIMES_FUNC, self.arguments(inputs, level)))[-1]
+
+    @property
+    def deadline_state(self) -> DeadlineState:
+        """The state ``run_deadline`` uses when given none (created on first use)."""
+        with self._lock:
+            if self._deadline_state is None:
+                self._deadline_state = DeadlineState(self.device)
+            return self._deadline_state
+
+    def new_deadline_state(self) -> DeadlineState:
+        """A fresh state on this runtime's device, for ``run_deadline(..., state=)``."""
+        return DeadlineState(self.device)
+
+    def deadline_policy(self, policy=None, aggressiveness=None) -> tuple[str, float]:
+        """The rule and margin a call uses: the given ones, else the module's defaults; checked."""
+        if self.info.get("reroute_rule") not in REROUTE_POLICIES:
+            raise ValueError(
+                f"this module's main_deadline was built by an older tvm_nested (rule "
+                f"{self.info.get('reroute_rule')!r}): rebuild it with this version"
+            )
+        policy = self.info["reroute_rule"] if policy is None else policy
+        if aggressiveness is None:
+            aggressiveness = self.info["reroute_aggressiveness"]
+        if policy not in REROUTE_POLICIES:
+            raise ValueError(f"unknown rerouting policy {policy!r}: choose one of {', '.join(REROUTE_POLICIES)}")
+        if (
+            isinstance(aggressiveness, bool)
+            or not isinstance(aggressiveness, numbers.Real)
+            or not math.isfinite(aggressiveness)
+            or aggressiveness < 0
+        ):
+            raise ValueError(f"aggressiveness must be a finite number >= 0, got {aggressiveness!r}")
+        return policy, float(aggressiveness)
+
+    def deadline_arguments(
+        self, inputs, deadline_ms, level, policy=None, aggressiveness=None, state: DeadlineState | None = None
+    ) -> list:
+        """``main_deadline``'s arguments: ``main``'s, the deadline in microseconds, the policy, its
+        aggressiveness and the state (the runtime's own when ``state`` is None)."""
         if self.latency_table is None:
             if self.stage_plan is None:
                 raise ValueError(
@@ -198,19 +275,51 @@ class NestedRuntime(InfoView):
             or deadline_ms < 0
         ):
             raise ValueError(f"deadline_ms must be a finite number >= 0, got {deadline_ms!r}")
+        policy, aggressiveness = self.deadline_policy(policy, aggressiveness)
+        if state is None:
+            state = self.deadline_state
+        elif not isinstance(state, DeadlineState):
+            raise ValueError(f"state must be a DeadlineState (NestedRuntime.new_deadline_state()), got {state!r}")
         args = self.arguments(inputs, level)
-        return [*args, tvm.runtime.tensor(np.array(float(deadline_ms) * 1e3, "float64"), self.device)]
+        scalar = lambda v, dt: tvm.runtime.tensor(np.array(v, dt), self.device)
+        return [
+            *args,
+            scalar(float(deadline_ms) * 1e3, "float64"),
+            scalar(REROUTE_POLICIES.index(policy), "int32"),
+            scalar(aggressiveness, "float64"),
+            state.tensor,
+        ]
 
-    def run_deadline(self, *inputs, deadline_ms: float, level=0) -> tuple[list[np.ndarray], np.ndarray]:
+    def run_deadline(
+        self,
+        *inputs,
+        deadline_ms: float,
+        level=0,
+        policy: str | None = None,
+        aggressiveness: float | None = None,
+        state: DeadlineState | None = None,
+        times: bool = False,
+    ):
         """Run under a deadline, rerouting on the device: ``(outputs, levels per stage)``.
 
-        Stage 0 runs at ``level``; after each stage the module itself switches to a sparser level
-        when elapsed + predicted remaining time (its latency table) exceeds ``deadline_ms``
-        (``relay_passes/deadline.py`` states the rule). ValueError when the module has no table.
+        The module chooses each stage's level itself, never denser than ``level``
+        (``relay_passes/deadline.py`` states the rules): ``policy`` ``"paper"`` (the seed paper's
+        plain rule) or ``"evidence"`` (acts on the slowdown it observes, in this request and the
+        earlier ones), with ``aggressiveness`` its margin; None: the module's defaults. ``state``:
+        what the rule keeps between requests (default: this runtime's own, on the device).
+        ``times=True`` also returns when each stage ended (microseconds from the start, device
+        clock). ValueError when the module has no table.
         """
         with self._lock:
-            out = flatten(self.invoke(DEADLINE_FUNC, self.deadline_arguments(inputs, deadline_ms, level)))
-        return out[:-1], out[-1].astype(np.int64)
+            if state is None:
+                state = self.deadline_state
+            out = self.invoke(
+                DEADLINE_FUNC, self.deadline_arguments(inputs, deadline_ms, level, policy, aggressiveness, state)
+            )
+            state.tensor = out[len(out) - 2]  # stays on the device
+            flat = flatten(out)
+        outputs, levels, ends = flat[:-3], flat[-3].astype(np.int64), flat[-1]
+        return (outputs, levels, ends) if times else (outputs, levels)
 
 
 def flatten(out) -> list[np.ndarray]:
@@ -237,4 +346,4 @@ def load(path: str | os.PathLike, device=None, *, num_threads: int | None = None
     return NestedRuntime(module, device, num_threads=num_threads)
 
 
-__all__ = ["NO_TABLE_HELP", "NestedRuntime", "flatten", "load"]
+__all__ = ["NO_TABLE_HELP", "DeadlineState", "NestedRuntime", "flatten", "load"]
