@@ -155,11 +155,11 @@ def bench_workload(name, target, threads, rng, seed_offset=0):
         LinearSpec,
         NestedCSR,
         Packed,
-        kernel,
+        default_knobs,
         nested_conv2d_ref,
         nested_linear_ref,
-        schedule_cpu,
     )
+    from tvm_nested.schedules.cpu import cpu_kernel
 
     kind, p = WORKLOADS[name]
     if kind == "conv":
@@ -169,16 +169,18 @@ def bench_workload(name, target, threads, rng, seed_offset=0):
         lm = _level_map(w.shape, rng)
         fmt = NestedCSR.pack(w.reshape(O, -1), lm.reshape(O, -1), len(DENSITIES))
         spec = Conv2dSpec(Packed.of(fmt), x.shape, (k, k), (s, s), (pad,) * 4)
-        func, out_shape = kernel(spec), spec.out_shape
+        out_shape = spec.out_shape
     else:
         M, K, B = p
         w = rng.standard_normal((M, K)).astype(np.float32)
         x = rng.standard_normal((B, K)).astype(np.float32)
         lm = _level_map(w.shape, rng)
         fmt = NestedCSR.pack(w, lm, len(DENSITIES))
-        func, out_shape = kernel(LinearSpec(Packed.of(fmt), B)), (B, M)
-    ex = tvm.compile(schedule_cpu(func, target), target=target)
-    base = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(a) for a in fmt.arrays()]
+        spec, out_shape = LinearSpec(Packed.of(fmt), B), (B, M)
+    # the CPU form an untuned build compiles: packed for its default knobs on this target
+    func, packed = cpu_kernel(spec, fmt, default_knobs(spec, target))
+    ex = tvm.compile(func, target=target)
+    base = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in packed.arrays()]
     out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
 
     # peers' inputs: im2col for the CSR peers of a conv (its time is included)
