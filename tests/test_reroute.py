@@ -421,13 +421,14 @@ def test_state_carries_the_slowdown_between_requests(with_table):
     _name, x, lib2, rt2 = with_table
     table = lib2.latency_table
     deadline_ms = 2 * table[:, 0].sum() / 1e3  # level 0 fits at the profiled speed, not 100x slower
+    no_reserve = {"aggressiveness": 0.0}  # the state alone decides (the reserve is tested on the rule)
     fresh = rt2.new_deadline_state()
     assert fresh.slowdown == 1.0 and fresh.tensor.numpy().tolist() == [0.0, 0.0]
-    assert rt2.run_deadline(x, deadline_ms=deadline_ms, state=fresh)[1][0] == 0
+    assert rt2.run_deadline(x, deadline_ms=deadline_ms, state=fresh, **no_reserve)[1][0] == 0
     assert fresh.tensor.numpy()[1] > 0  # the call returned a state: when it ended
     slow = rt2.new_deadline_state()
     slow.tensor = tvm.runtime.tensor(np.array([100.0, time.monotonic_ns() / 1e3]))
-    assert rt2.run_deadline(x, deadline_ms=deadline_ms, state=slow)[1][0] > 0
+    assert rt2.run_deadline(x, deadline_ms=deadline_ms, state=slow, **no_reserve)[1][0] > 0
     assert rt2.run_deadline(x, deadline_ms=deadline_ms, state=slow, policy="paper")[1][0] == 0  # no memory
     own = rt2.deadline_state
     before = own.tensor.numpy().copy()
