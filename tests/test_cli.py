@@ -75,7 +75,9 @@ def test_demo_small_model(capsys):
     ort_ms = float(re.search(r"onnxruntime on the plain dense model: ([0-9.]+) ms", out).group(1))
     speedups = re.findall(r"\| ([0-9.]+) \| ([0-9.]+)x \|\n", out)
     assert ort_ms > 0 and len(speedups) == 4
-    assert all(abs(ort_ms / float(ms) - float(x)) <= 0.02 * float(x) + 0.01 for ms, x in speedups)
+    # the printed times carry three significant digits: the ratio of two of them is within ~1 % of the
+    # printed speedup (itself rounded to 0.01)
+    assert all(abs(ort_ms / float(ms) - float(x)) <= 0.011 * float(x) + 0.005 for ms, x in speedups)
 
 
 # ----------------------------------------------------------------- outputs never replace inputs
