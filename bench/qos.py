@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import cpu_isa, cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 DENSITIES = (0.5, 0.2, 0.1, 0.05)
@@ -317,15 +320,7 @@ def _misses(d, deadline, table):
 
 # ------------------------------------------------------------------------------------- report
 def _hardware():
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}"
+    return f"{cpu_model()}, {cpu_isa()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}"
 
 
 def main(argv=None) -> int:
