@@ -80,6 +80,13 @@ def time_constants(table) -> tuple[float, float]:
     return max(TAU_SHARE * request, 1.0), max(TAU_IDLE_REQUESTS * request, 1.0)
 
 
+def _toward(f, dt, seen, tau: float):
+    """``f`` moved towards a stage's observed slowdown ``seen / dt`` by ``dt / (dt + tau)``, kept in
+    ``SLOWDOWN_RANGE`` (a TIR expression; ``_observe`` is its NumPy reference)."""
+    fmin, fmax = SLOWDOWN_RANGE
+    return T.min(T.max(f + dt / (dt + T.float64(tau)) * (seen / dt - f), T.float64(fmin)), T.float64(fmax))
+
+
 def reroute_rule(table, level_dtype: str = "int32", overhead_us: float = 0.0) -> tvm.tirx.PrimFunc:
     """The decision before stage ``stage`` (= stages already run) as a PrimFunc.
 
@@ -94,7 +101,6 @@ def reroute_rule(table, level_dtype: str = "int32", overhead_us: float = 0.0) ->
     K, L = table.shape
     ovh = check_overhead(overhead_us)
     tau, _ = time_constants(table)
-    fmin, fmax = SLOWDOWN_RANGE
 
     @T.prim_func(private=True)
     def rule(
@@ -119,16 +125,7 @@ def reroute_rule(table, level_dtype: str = "int32", overhead_us: float = 0.0) ->
         if stage >= 1:  # the stage just run: what the table predicted, and how much slower it was
             acc_out[0] = acc[0] + table[T.min(stage - 1, K - 1), cur]
             if table[T.min(stage - 1, K - 1), cur] > T.float64(0):
-                acc_out[2] = T.min(
-                    T.max(
-                        acc[2]
-                        + table[T.min(stage - 1, K - 1), cur]
-                        / (table[T.min(stage - 1, K - 1), cur] + T.float64(tau))
-                        * ((elapsed_us[()] - acc[1]) / table[T.min(stage - 1, K - 1), cur] - acc[2]),
-                        T.float64(fmin),
-                    ),
-                    T.float64(fmax),
-                )
+                acc_out[2] = _toward(acc[2], table[T.min(stage - 1, K - 1), cur], elapsed_us[()] - acc[1], tau)
         acc_out[1] = elapsed_us[()]
         rest[0] = T.float64(0)
         for s in range(K):
@@ -194,7 +191,6 @@ def reroute_finish(table, level_dtype: str = "int32") -> tvm.tirx.PrimFunc:
     table = np.asarray(table, dtype=np.float64)
     K, L = table.shape
     tau, _ = time_constants(table)
-    fmin, fmax = SLOWDOWN_RANGE
 
     @T.prim_func(private=True)
     def finish(
@@ -208,16 +204,7 @@ def reroute_finish(table, level_dtype: str = "int32") -> tvm.tirx.PrimFunc:
         cur = T.max(T.min(T.Cast("int32", current[()]), L - 1), 0)
         state[0] = acc[2]
         if table[K - 1, cur] > T.float64(0):
-            state[0] = T.min(
-                T.max(
-                    acc[2]
-                    + table[K - 1, cur]
-                    / (table[K - 1, cur] + T.float64(tau))
-                    * ((elapsed_us[()] - acc[1]) / table[K - 1, cur] - acc[2]),
-                    T.float64(fmin),
-                ),
-                T.float64(fmax),
-            )
+            state[0] = _toward(acc[2], table[K - 1, cur], elapsed_us[()] - acc[1], tau)
         state[1] = T.Cast("float64", t0_ns[()]) * T.float64(1e-3) + elapsed_us[()]
 
     return finish
